@@ -1,0 +1,1 @@
+"""Per-modality patch features on the shared 56x56 grid."""
