@@ -82,7 +82,7 @@ def _rebuild_tensor_v2(
     view = np.lib.stride_tricks.as_strided(
         base, shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
     )
-    return np.array(view, copy=True)
+    return np.array(view, order="C", copy=True)
 
 
 def _rebuild_parameter(data: np.ndarray, requires_grad: bool, backward_hooks: Any) -> np.ndarray:
