@@ -235,3 +235,163 @@ def test_threshold_table_round_trip(tmp_path):
     assert "| tire | 1.25 | 0.800 | 0.500 |" in paths["md"].read_text()
     with pytest.raises(ValueError, match="lacks"):
         tables.write_threshold_table({"RGB": {"tire": {"threshold": 1.0}}}, tmp_path)
+
+
+# ---------------------------------------------------------------- overlays
+
+
+def test_overlay_panels_and_contour_positions():
+    from scipy import ndimage
+
+    from lsfa_jax.reports import overlays
+
+    rng = np.random.default_rng(0)
+    H, W = 20, 24
+    rgb = rng.integers(0, 200, size=(H, W, 3), dtype=np.uint8)  # never pure green
+    gt = np.zeros((H, W), np.uint8)
+    gt[4:12, 6:15] = 255
+    gt[0:3, 20:24] = 255  # touches the image border: border pixels are contour too
+    amap = rng.uniform(0, 2, size=(H, W)).astype(np.float32)
+    panel = overlays.overlay_image(rgb, gt, amap, title="bagel 001", vmin=0.0, vmax=2.0)
+    T = overlays.TITLE_HEIGHT
+    assert panel.shape == (T + H, 3 * W, 3) and panel.dtype == np.uint8
+    np.testing.assert_array_equal(panel[T:, :W], rgb)
+    boundary = (gt > 0) & ~ndimage.binary_erosion(gt > 0, border_value=0)
+    middle = panel[T:, W : 2 * W]
+    changed = np.any(middle != rgb, axis=-1)
+    np.testing.assert_array_equal(changed, boundary)
+    assert np.all(middle[boundary] == overlays.CONTOUR_RGB)
+    # Heat panel: an independent blend with matplotlib's colormap.
+    import matplotlib
+
+    colors = matplotlib.colormaps["jet"](np.clip(amap / 2.0, 0, 1))[..., :3] * 255
+    want = 0.5 * rgb + 0.5 * np.round(colors)
+    assert np.max(np.abs(panel[T:, 2 * W :].astype(float) - want)) <= 0.5 + 1e-9
+    assert np.any(panel[:T] < 128)  # the title was drawn
+
+
+def test_overlay_png_and_bad_input(tmp_path):
+    from PIL import Image
+
+    from lsfa_jax.reports import overlays
+
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    path = overlays.save_overlay_png(
+        tmp_path / "o.png", rgb, np.zeros((8, 10)), np.ones((8, 10)), title="t", vmin=0, vmax=1
+    )
+    img = np.asarray(Image.open(path))
+    np.testing.assert_array_equal(
+        img,
+        overlays.overlay_image(rgb, np.zeros((8, 10)), np.ones((8, 10)), title="t", vmin=0, vmax=1),
+    )
+    with pytest.raises(ValueError, match="must match"):
+        overlays.overlay_image(rgb, np.zeros((8, 9)), np.ones((8, 10)), title="t", vmin=0, vmax=1)
+    with pytest.raises(ValueError, match="vmax > vmin"):
+        overlays.overlay_image(rgb, np.zeros((8, 10)), np.ones((8, 10)), title="t", vmin=1, vmax=1)
+    with pytest.raises(ValueError, match="uint8"):
+        overlays.overlay_image(
+            rgb.astype(float), np.zeros((8, 10)), np.ones((8, 10)), title="t", vmin=0, vmax=1
+        )
+    assert overlays.shared_scale(np.array([[[0.5, 2.0]], [[-1.0, 0.0]]])) == (-1.0, 2.0)
+
+
+def test_select_overlay_samples_against_brute_force():
+    from lsfa_jax.reports import overlays
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, size=40)
+    scores = np.round(rng.uniform(0, 1, size=40), 1)  # many ties
+    k = 3
+    sel = overlays.select_overlay_samples(labels, scores, k)
+    defects = [i for i in range(40) if labels[i] == 1]
+    goods = [i for i in range(40) if labels[i] == 0]
+    missed = sorted(defects, key=lambda i: (scores[i], i))[:k]
+    alarms = sorted(goods, key=lambda i: (-scores[i], i))[:k]
+    top = sorted([i for i in defects if i not in missed], key=lambda i: (-scores[i], i))[:k]
+    assert sel["missed_defects"].tolist() == missed
+    assert sel["false_alarms"].tolist() == alarms
+    assert sel["top_defects"].tolist() == top
+    # Not just the first files: with scores increasing in index the choice is at the ends.
+    sel = overlays.select_overlay_samples(np.array([1, 1, 1, 1, 0, 0, 0]), np.arange(7.0), 1)
+    assert {k: v.tolist() for k, v in sel.items()} == {
+        "missed_defects": [0],
+        "false_alarms": [6],
+        "top_defects": [3],
+    }
+    few = overlays.select_overlay_samples(np.array([1, 0]), np.array([0.2, 0.1]), 5)
+    assert few["top_defects"].size == 0 and few["missed_defects"].tolist() == [0]
+    with pytest.raises(ValueError, match="labels must be"):
+        overlays.select_overlay_samples(np.array([2, 0]), np.array([0.0, 1.0]), 1)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_plots_write_pngs_and_reject_bad_curves(tmp_path):
+    from PIL import Image
+
+    from lsfa_jax.reports import plots
+
+    fpr = np.linspace(0, 1, 50)
+    curves = {"RGB": (fpr, np.sqrt(fpr)), "RGB+3D": (fpr, fpr**0.25)}
+    roc = plots.plot_roc(tmp_path / "roc.png", curves, title="bagel", aucs={"RGB": 0.67})
+    pro = plots.plot_pro(tmp_path / "pro.png", curves, title="bagel")
+    for path, size in ((roc, (500, 500)), (pro, (600, 500))):
+        img = Image.open(path)
+        assert img.format == "PNG" and img.size == size
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+    with pytest.raises(ValueError, match="equal length"):
+        plots.plot_roc(tmp_path / "x.png", {"RGB": (fpr, fpr[:-1])}, title="x")
+    with pytest.raises(ValueError, match="outside"):
+        plots.plot_pro(tmp_path / "x.png", {"RGB": (fpr, fpr + 0.5)}, title="x")
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def test_manifest_hashes_stages_and_json(tmp_path):
+    import hashlib
+
+    import ml_collections
+
+    from lsfa_jax.reports import manifest as mf
+
+    weights = tmp_path / "w.bin"
+    payload = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)  # spans several chunks
+    weights.write_bytes(payload)
+    config = ml_collections.ConfigDict({"seed": 3, "patchcore": {"coreset_ratio": 0.1}})
+    m = mf.RunManifest(config)
+    entry = m.add_weights("rgb", weights, random_init=False)
+    assert entry["sha256"] == hashlib.sha256(payload).hexdigest()
+    m.add_weights("point", None, random_init=True)
+    with pytest.raises(ValueError, match="not random"):
+        m.add_weights("adaptor", None, random_init=False)
+    m.set_seed("data", 3)
+    import resource
+    import time
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with m.stage("fit"):
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError), m.stage("broken"):
+        raise RuntimeError("boom")
+    path = m.write(tmp_path / "run" / "manifest.json")
+    doc = json.loads(path.read_text())
+    assert doc["config"] == {"seed": 3, "patchcore": {"coreset_ratio": 0.1}}
+    assert doc["weights"][0]["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert doc["weights"][1] == {"name": "point", "path": None, "sha256": None, "random_init": True}
+    assert doc["seeds"] == {"data": 3}
+    assert [s["name"] for s in doc["stages"]] == ["fit", "broken"]
+    assert [s["ok"] for s in doc["stages"]] == [True, False]
+    peaks = [s["peak_host_memory_bytes"] for s in doc["stages"]]
+    assert rss_before <= peaks[0] <= peaks[1] <= doc["peak_host_memory_bytes"]
+    assert 0.05 <= doc["stages"][0]["seconds"] < 5
+    import jax
+    import numpy
+
+    assert doc["versions"]["jax"] == jax.__version__
+    assert doc["versions"]["numpy"] == numpy.__version__
+    assert doc["versions"]["python"].count(".") == 2
+    assert doc["devices"][0]["platform"] == jax.devices()[0].platform
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json"]
