@@ -1,0 +1,438 @@
+"""Point-MAE branch against independent references: numpy FPS/kNN, a torch Point-MAE encoder
+written here with the official parameter names, and a torch interpolation + pooling pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsfa_jax.features import backbones
+from lsfa_jax.features.patch_grid import pack_valid_points
+from lsfa_jax.models import checkpoint_io
+from lsfa_jax.models import point_mae as pm
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample"
+SMALL_CFG = dict(
+    num_group=48,
+    group_size=24,
+    trans_dim=48,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=4,
+    out_layers=(1, 2, 3),
+)
+REAL_CFG = dict(
+    num_group=1024,
+    group_size=128,
+    trans_dim=384,
+    depth=12,
+    num_heads=6,
+    mlp_ratio=4,
+    out_layers=(3, 7, 11),
+)
+
+
+# ------------------------------------------------------------------ torch reference (eval mode)
+
+
+class TorchGroupEncoder(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(), nn.Conv1d(128, 256, 1)
+        )
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(), nn.Conv1d(512, channels, 1)
+        )
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:  # (G, k, 3) -> (G, C)
+        x = groups.transpose(1, 2)
+        h = self.first_conv(x)
+        h = torch.cat([h.max(dim=2, keepdim=True).values.expand_as(h), h], dim=1)
+        return self.second_conv(h).max(dim=2).values
+
+
+class TorchAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TorchMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TorchBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TorchAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = TorchMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TorchTransformer(nn.Module):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.blocks = nn.ModuleList([TorchBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+
+
+class TorchPointMAE(nn.Module):
+    """Eval-mode Point-MAE encoder with M3DM's feature taps; returns the list of tapped outputs."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        dim = cfg["trans_dim"]
+        self.out_layers = cfg["out_layers"]
+        self.encoder = TorchGroupEncoder(dim)
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
+        self.blocks = TorchTransformer(dim, cfg["depth"], cfg["num_heads"], cfg["mlp_ratio"])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, groups: torch.Tensor, centres: torch.Tensor) -> list[torch.Tensor]:
+        x = self.encoder(groups)[None]
+        pos = self.pos_embed(centres)[None]
+        taps = []
+        for i, block in enumerate(self.blocks.blocks):
+            x = block(x + pos)
+            if i in self.out_layers:
+                taps.append(self.norm(x)[0])
+        return taps
+
+
+def make_torch_model(cfg: dict, seed: int) -> TorchPointMAE:
+    """Random weights, non-trivial LayerNorm affine and BatchNorm running statistics."""
+    torch.manual_seed(seed)
+    model = TorchPointMAE(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.normal_(0.0, 0.3)
+                module.running_var.uniform_(0.3, 2.0)
+                module.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def save_like_point_mae(model: TorchPointMAE, path: Path, decoder_dim: int) -> None:
+    """Wraps the state dict as Point-MAE's pretrain.pth (DataParallel names, decoder extras)."""
+    base_model = {f"module.MAE_encoder.{k}": v for k, v in model.state_dict().items()}
+    base_model["module.mask_token"] = torch.zeros(1, 1, decoder_dim)
+    base_model["module.MAE_decoder.norm.weight"] = torch.ones(decoder_dim)
+    base_model["module.decoder_pos_embed.0.weight"] = torch.ones(128, 3)
+    base_model["module.increase_dim.0.weight"] = torch.ones(96, decoder_dim, 1)
+    torch.save(
+        {
+            "base_model": base_model,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.001}]},
+            "epoch": 3,
+            "metrics": {},
+            "best_metrics": {},
+        },
+        path,
+    )
+
+
+# --------------------------------------------------------------- numpy / torch pipeline pieces
+
+
+def squared_distances_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    diff = a[:, None, :] - b[None, :, :]
+    return diff[..., 0] * diff[..., 0] + diff[..., 1] * diff[..., 1] + diff[..., 2] * diff[..., 2]
+
+
+def fps_numpy(points: np.ndarray, mask: np.ndarray, m: int) -> np.ndarray:
+    eligible = mask & ((points**2).sum(-1) > 1e-3)
+    min_distance = np.full(len(points), 1e10, np.float32)
+    out = [0]
+    for _ in range(m - 1):
+        d = squared_distances_np(points, points[out[-1]][None])[:, 0]
+        min_distance = np.where(eligible, np.minimum(min_distance, d), min_distance)
+        out.append(int(np.argmax(np.where(eligible, min_distance, -1.0))))
+    return np.array(out)
+
+
+def knn_numpy(points: np.ndarray, mask: np.ndarray, centres: np.ndarray, k: int) -> np.ndarray:
+    d = np.where(mask[None], squared_distances_np(centres, points), np.inf)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def torch_point_grid(
+    model: TorchPointMAE, organized: np.ndarray, num_group: int, group_size: int, grid: int
+) -> tuple[torch.Tensor, list[torch.Tensor], np.ndarray]:
+    """Reference pipeline: valid points (raster order), numpy FPS/kNN, torch encoder,
+    3-NN inverse squared distance interpolation, scatter, avg_pool2d(3, 1), adaptive pool."""
+    height, width, _ = organized.shape
+    flat = organized.reshape(-1, 3)
+    nonzero = np.flatnonzero(np.all(flat != 0, axis=-1))
+    points = flat[nonzero]
+    mask = np.ones(len(points), bool)
+    centre_idx = fps_numpy(points, mask, num_group)
+    knn_idx = knn_numpy(points, mask, points[centre_idx], group_size)
+    pts = torch.from_numpy(points)
+    centres = pts[torch.from_numpy(centre_idx)]
+    groups = pts[torch.from_numpy(knn_idx)] - centres[:, None]
+    with torch.no_grad():
+        taps = model(groups, centres)
+        features = torch.cat(taps, dim=1)  # (G, C)
+        diff = pts[:, None, :] - centres[None, :, :]
+        d2 = (diff**2).sum(-1)
+        dist, idx = torch.topk(d2, 3, dim=1, largest=False)
+        weights = 1.0 / (dist + 1e-8)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        point_features = (features[idx] * weights[..., None]).sum(1)  # (N, C)
+        image = torch.zeros(features.shape[1], height * width)
+        image[:, torch.from_numpy(nonzero)] = point_features.T
+        image = image.reshape(1, -1, height, width)
+        pooled = F.adaptive_avg_pool2d(F.avg_pool2d(image, 3, 1), grid)
+    return pooled.reshape(features.shape[1], -1).T, taps, centre_idx
+
+
+def legacy_nearest_224(xyz: np.ndarray) -> np.ndarray:
+    """PyTorch's legacy nearest resize: source index floor(dst * H / 224)."""
+    rows = np.arange(224) * xyz.shape[0] // 224
+    cols = np.arange(224) * xyz.shape[1] // 224
+    return xyz[rows][:, cols]
+
+
+def real_cloud() -> np.ndarray:
+    path = SAMPLE_DIR / "cable_gland/test/good/xyz/000.tiff"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return legacy_nearest_224(tifffile.imread(path).astype(np.float32))
+
+
+def synthetic_cloud(size: int, seed: int, valid_fraction: float = 0.6) -> np.ndarray:
+    """Organized cloud in metres around z = 0.65 with missing pixels at (0, 0, 0)."""
+    rng = np.random.default_rng(seed)
+    v, u = np.meshgrid(np.linspace(-0.05, 0.05, size), np.linspace(-0.05, 0.05, size))
+    z = 0.65 + 0.01 * np.sin(40 * u) * np.cos(30 * v) + rng.normal(0, 1e-4, u.shape)
+    cloud = np.stack([u, v, z], -1).astype(np.float32)
+    cloud[rng.random((size, size)) > valid_fraction] = 0.0
+    cloud[: size // 3, : size // 3] = 0.0  # an empty corner: background patches
+    return cloud
+
+
+def pack(organized: np.ndarray) -> tuple[jax.Array, jax.Array, np.ndarray, np.ndarray]:
+    points, _, mask = pack_valid_points(jnp.asarray(organized))
+    return points, mask, np.asarray(points), np.asarray(mask)
+
+
+fps_jit = jax.jit(pm.farthest_point_sampling, static_argnums=2)
+knn_jit = jax.jit(pm.knn_group, static_argnums=(3, 4))
+
+
+# ------------------------------------------------------------------------------------- tests
+
+
+def test_fps_and_knn_match_numpy_on_random_cloud():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(600, 3)).astype(np.float32) + np.float32([0, 0, 2])
+    points[5] = [0.01, 0.0, 0.0]  # ||p||^2 <= 1e-3: never a centre, still a neighbour
+    mask = np.arange(600) < 530
+    fps = np.asarray(fps_jit(jnp.asarray(points), jnp.asarray(mask), 64))
+    np.testing.assert_array_equal(fps, fps_numpy(points, mask, 64))
+    assert fps[0] == 0 and len(set(fps.tolist())) == 64
+    assert 5 not in fps and np.all(fps < 530)
+    idx, groups = knn_jit(jnp.asarray(points), jnp.asarray(mask), jnp.asarray(points[fps]), 40, 16)
+    np.testing.assert_array_equal(np.asarray(idx), knn_numpy(points, mask, points[fps], 40))
+    assert np.all(np.asarray(idx) < 530)
+    np.testing.assert_array_equal(
+        np.asarray(groups), points[np.asarray(idx)] - points[fps][:, None]
+    )
+    np.testing.assert_array_equal(np.asarray(idx)[:, 0], fps)  # each centre is its own nearest
+
+
+def test_fps_and_knn_ties_go_to_the_lower_index():
+    # A lattice has many exactly equal squared distances.
+    g = np.arange(6, dtype=np.float32)
+    points = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3) + np.float32(1)
+    points = points[::-1].copy()
+    mask = np.ones(len(points), bool)
+    fps = np.asarray(fps_jit(jnp.asarray(points), jnp.asarray(mask), 20))
+    np.testing.assert_array_equal(fps, fps_numpy(points, mask, 20))
+    idx, _ = knn_jit(jnp.asarray(points), jnp.asarray(mask), jnp.asarray(points[fps]), 27, 8)
+    np.testing.assert_array_equal(np.asarray(idx), knn_numpy(points, mask, points[fps], 27))
+
+
+def test_fps_and_knn_match_numpy_on_real_cloud_at_real_config():
+    points, mask, points_np, mask_np = pack(real_cloud())
+    assert 20_000 < mask_np.sum() < 40_000
+    fps = np.asarray(fps_jit(points, mask, 1024))
+    np.testing.assert_array_equal(fps, fps_numpy(points_np, mask_np, 1024))
+    idx, _ = knn_jit(points, mask, points[fps], 128, 256)
+    np.testing.assert_array_equal(
+        np.asarray(idx), knn_numpy(points_np, mask_np, points_np[fps], 128)
+    )
+
+
+def test_small_clouds_raise_or_repeat_centres():
+    with pytest.raises(ValueError, match="sample7: only 5 valid points"):
+        pm.check_cloud(5, num_group=4, group_size=8, name="sample7")
+    pm.check_cloud(8, num_group=16, group_size=8, name="ok")
+
+    cloud = np.zeros((6, 6, 3), np.float32)
+    cloud[1, 1:5] = [[0.125, 1, 1], [0.25, 1, 1], [0.375, 1, 1], [0.5, 1, 1]]  # exact ties
+    cfg = dict(SMALL_CFG, num_group=8, group_size=4)
+    variables = pm.init_random_point_mae_variables(jax.random.key(0), cfg)
+    points, mask, points_np, mask_np = pack(cloud)
+    fps = np.asarray(fps_jit(points, mask, 8))
+    # Four farthest-point picks, then duplicates of the first centre.
+    np.testing.assert_array_equal(fps, [0, 3, 1, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(fps, fps_numpy(points_np, mask_np, 8))
+    features, foreground = backbones.point_mae_patch_grid(variables, cloud, cfg, grid_size=2)
+    assert np.all(np.isfinite(np.asarray(features))) and np.asarray(foreground).any()
+
+    with pytest.raises(ValueError, match=r"tiny\[0\]: only 4 valid points.*group_size=5"):
+        backbones.point_mae_patch_grid(
+            variables, cloud, dict(cfg, group_size=5), grid_size=2, name="tiny"
+        )
+
+
+def test_interpolation_matches_brute_force():
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(300, 3)).astype(np.float32) * 0.05 + np.float32([0, 0, 0.65])
+    mask = np.arange(300) < 250
+    centres = points[rng.choice(250, 20, replace=False)]
+    features = rng.normal(size=(20, 7)).astype(np.float32)
+    got = np.asarray(
+        pm.interpolate_to_points(
+            jnp.asarray(points), jnp.asarray(mask), jnp.asarray(centres), jnp.asarray(features), 64
+        )
+    )
+    d2 = squared_distances_np(points, centres).astype(np.float64)
+    nearest = np.argsort(d2, axis=1, kind="stable")[:, :3]
+    w = 1.0 / (np.take_along_axis(d2, nearest, 1) + 1e-8)
+    want = np.einsum("nk,nkc->nc", w / w.sum(1, keepdims=True), features[nearest])
+    np.testing.assert_allclose(got[:250], want[:250], rtol=1e-5, atol=1e-6)
+    assert np.all(got[250:] == 0)
+    # Points that are centres take (almost exactly) their own feature.
+    np.testing.assert_allclose(got[np.argmax(d2 == 0, axis=0)], features, atol=1e-4)
+
+
+def test_encoder_from_point_mae_checkpoint_matches_torch(tmp_path):
+    cfg = SMALL_CFG
+    model = make_torch_model(cfg, seed=0)
+    path = tmp_path / "pretrain.pth"
+    save_like_point_mae(model, path, decoder_dim=cfg["trans_dim"])
+    variables = pm.load_point_mae_variables(path, cfg)
+    assert variables["batch_stats"]["encoder"]["first_conv_1"]["var"].shape == (128,)
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(cfg["num_group"], 3)).astype(np.float32) * 0.05 + [0, 0, 0.65]
+    groups = rng.normal(size=(cfg["num_group"], cfg["group_size"], 3)).astype(np.float32) * 0.01
+    centres = centres.astype(np.float32)
+    got = np.asarray(pm.point_mae_encoder(cfg).apply(variables, groups, centres))
+    with torch.no_grad():
+        taps = model(torch.from_numpy(groups), torch.from_numpy(centres))
+    c = cfg["trans_dim"]
+    assert got.shape == (cfg["num_group"], 3 * c)
+    for j, tap in enumerate(taps):
+        np.testing.assert_allclose(got[:, j * c : (j + 1) * c], tap.numpy(), atol=1e-4, rtol=0)
+
+
+def test_point_grid_matches_torch_pipeline(tmp_path):
+    cfg = SMALL_CFG
+    model = make_torch_model(cfg, seed=1)
+    path = tmp_path / "pretrain.pth"
+    save_like_point_mae(model, path, decoder_dim=cfg["trans_dim"])
+    variables = pm.load_point_mae_variables(path, cfg)
+    clouds = np.stack(
+        [synthetic_cloud(40, seed=3), synthetic_cloud(40, seed=4, valid_fraction=0.3)]
+    )
+    got, foreground = backbones.point_mae_patch_grid_batch(variables, clouds, cfg, grid_size=12)
+    for b, cloud in enumerate(clouds):
+        want, _, _ = torch_point_grid(model, cloud, cfg["num_group"], cfg["group_size"], 12)
+        want = want.numpy()
+        assert got.shape[1:] == want.shape == (144, 3 * cfg["trans_dim"])
+        np.testing.assert_allclose(np.asarray(got[b]), want, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(np.asarray(foreground[b]), np.all(want != 0, axis=1))
+        assert 0 < np.asarray(foreground[b]).sum() < 144
+    single, _ = backbones.point_mae_patch_grid(variables, clouds[1], cfg, grid_size=12)
+    np.testing.assert_allclose(np.asarray(single), np.asarray(got[1]), atol=1e-6, rtol=0)
+
+
+def test_real_config_on_real_cloud_matches_torch(tmp_path):
+    cloud = real_cloud()
+    model = make_torch_model(REAL_CFG, seed=2)
+    path = tmp_path / "pretrain.pth"
+    save_like_point_mae(model, path, decoder_dim=256)
+    variables = pm.load_point_mae_variables(path, REAL_CFG)
+    assert pm.count_parameters(variables) == sum(p.numel() for p in model.parameters())
+    assert 21.7e6 < pm.count_parameters(variables) < 21.9e6  # notes §8.2: about 21.8 M
+    got, foreground = backbones.point_mae_patch_grid(variables, cloud, REAL_CFG)
+    want, _, _ = torch_point_grid(model, cloud, 1024, 128, 56)
+    want = want.numpy()
+    assert got.shape == want.shape == (3136, 1152)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(foreground), np.all(want != 0, axis=1))
+
+
+def test_conversion_reports_every_problem_at_once(tmp_path):
+    cfg = SMALL_CFG
+    state = {
+        f"module.MAE_encoder.{k}": v.numpy()
+        for k, v in make_torch_model(cfg, seed=0).state_dict().items()
+    }
+    state["module.mask_token"] = np.zeros((1, 1, 8), np.float32)  # ignored
+    state["module.MAE_decoder.blocks.0.norm1.weight"] = np.ones(8, np.float32)  # ignored
+    del state["module.MAE_encoder.norm.bias"]
+    state["module.MAE_encoder.cls_token"] = np.zeros((1, 1, 48), np.float32)
+    state["module.MAE_encoder.pos_embed.0.weight"] = np.zeros((128, 4), np.float32)
+    with pytest.raises(checkpoint_io.CheckpointError) as error:
+        pm.point_mae_params_from_state_dict({"base_model": state}, model_cfg=cfg, source="bad.pth")
+    message = str(error.value)
+    assert "bad.pth" in message
+    assert "norm.bias" in message and "cls_token" in message and "pos_embed.0.weight" in message
+    assert "mask_token" not in message and "MAE_decoder" not in message
+
+    # A bare state dict with 'base_model.' prefixes converts; a deeper config does not fit it.
+    bare = {
+        f"base_model.{k}": v.numpy() for k, v in make_torch_model(cfg, seed=0).state_dict().items()
+    }
+    pm.point_mae_params_from_state_dict(bare, model_cfg=cfg, source="bare.npz")
+    with pytest.raises(checkpoint_io.CheckpointError, match=r"blocks\.blocks\.4\.norm1\.weight"):
+        pm.point_mae_params_from_state_dict(bare, model_cfg=dict(cfg, depth=5), source="bare.npz")
+
+
+def test_orbax_round_trip_and_config_checks(tmp_path):
+    variables = pm.init_random_point_mae_variables(jax.random.key(3), SMALL_CFG)
+    checkpoint_io.save_orbax(variables, tmp_path / "point_mae")
+    loaded = pm.load_point_mae_variables(tmp_path / "point_mae", SMALL_CFG)
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+    with pytest.raises(checkpoint_io.CheckpointError, match="blocks_1/attn/qkv/kernel"):
+        pm.load_point_mae_variables(tmp_path / "point_mae", dict(SMALL_CFG, trans_dim=64))
+    with pytest.raises(ValueError, match="unknown keys"):
+        pm.point_mae_encoder(dict(SMALL_CFG, drop_path=0.1))
+    with pytest.raises(ValueError, match="out_layers"):
+        pm.point_mae_encoder(dict(SMALL_CFG, out_layers=(4,)))
