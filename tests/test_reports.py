@@ -201,6 +201,8 @@ def test_subset_of_classes_does_not_compare_the_mean(tmp_path):
 
 
 def test_unknown_setting_or_metric_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="mvtec3d only"):
+        tables.write_result_tables(_random_results(), tmp_path, paper_method="lsfa", dataset="eye")
     with pytest.raises(ValueError, match="unknown setting"):
         tables.write_result_tables({"RGBD": {"bagel": {"i_auroc": 0.5}}}, tmp_path)
     with pytest.raises(ValueError, match="unknown metric"):

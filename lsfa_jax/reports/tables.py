@@ -118,7 +118,12 @@ def build_table(
             f"tables: unknown paper_method {paper_method!r}; expected one of "
             f"{paper_results.METHODS}"
         )
-    use_paper = paper_method is not None and dataset == "mvtec3d"
+    if paper_method is not None and dataset != "mvtec3d":
+        raise ValueError(
+            f"tables: paper numbers are transcribed for mvtec3d only, not {dataset!r}; "
+            "pass paper_method=None"
+        )
+    use_paper = paper_method is not None
     classes = class_order(results, dataset)
     all_classes = set(paper_results.CLASSES) <= set(classes)
     table: dict = {}
