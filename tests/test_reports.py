@@ -397,3 +397,31 @@ def test_manifest_hashes_stages_and_json(tmp_path):
     assert doc["versions"]["python"].count(".") == 2
     assert doc["devices"][0]["platform"] == jax.devices()[0].platform
     assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json"]
+
+
+def test_save_class_overlays_uses_one_scale_and_the_selection(tmp_path):
+    from PIL import Image
+
+    from lsfa_jax.reports import overlays
+
+    rng = np.random.default_rng(2)
+    n, h, w = 6, 8, 8
+    rgb = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    gts = np.zeros((n, h, w), np.uint8)
+    maps = rng.uniform(0, 1, size=(n, h, w))
+    maps[5] *= 10  # the largest value of the class sets vmax for every panel
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.1, 0.5, 0.2, 0.8, 0.3])
+    paths = overlays.save_class_overlays(
+        tmp_path, "foam", rgb, gts, maps, labels, scores, k=1, sample_names=list("abcdef")
+    )
+    assert [p.name for p in paths] == [
+        "foam_missed_defects_0_b.png",
+        "foam_false_alarms_0_e.png",
+        "foam_top_defects_0_a.png",
+    ]
+    vmin, vmax = float(maps.min()), float(maps.max())
+    want = overlays.overlay_image(
+        rgb[4], gts[4], maps[4], title="foam e false_alarms score 0.8", vmin=vmin, vmax=vmax
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), want)

@@ -145,3 +145,50 @@ def select_overlay_samples(labels: np.ndarray, scores: np.ndarray, k: int) -> di
         "false_alarms": goods_desc[:k],
         "top_defects": rest_desc[:k],
     }
+
+
+def save_class_overlays(
+    out_dir: str | os.PathLike,
+    class_name: str,
+    rgb_uint8: np.ndarray,
+    gt_masks: np.ndarray,
+    anomaly_maps: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    k: int,
+    sample_names: list[str] | None = None,
+) -> list[Path]:
+    """Overlays of one class's informative samples, all on the class's shared colour scale.
+
+    Args:
+      rgb_uint8: (N, H, W, 3) uint8; gt_masks: (N, H, W); anomaly_maps: (N, H, W).
+      labels, scores: (N,) as in `select_overlay_samples`.
+      sample_names: (N,) names used in titles and file names (default: the index).
+
+    Returns the written paths, `<out_dir>/<class>_<group>_<rank>_<name>.png`.
+    """
+    n = len(labels)
+    if not (len(rgb_uint8) == len(gt_masks) == len(anomaly_maps) == len(scores) == n):
+        raise ValueError(f"overlays: {class_name}: inputs must all have N={n} samples")
+    names = [f"{i:03d}" for i in range(n)] if sample_names is None else list(sample_names)
+    if len(names) != n:
+        raise ValueError(f"overlays: {class_name}: {len(names)} sample names for {n} samples")
+    vmin, vmax = shared_scale(anomaly_maps)
+    paths = []
+    for group, indices in select_overlay_samples(labels, scores, k).items():
+        for rank, i in enumerate(indices):
+            title = f"{class_name} {names[i]} {group} score {float(scores[i]):.3g}"
+            path = Path(out_dir) / f"{class_name}_{group}_{rank}_{names[i]}.png"
+            paths.append(
+                save_overlay_png(
+                    path,
+                    rgb_uint8[i],
+                    gt_masks[i],
+                    anomaly_maps[i],
+                    title=title,
+                    vmin=vmin,
+                    vmax=vmax,
+                )
+            )
+    return paths
