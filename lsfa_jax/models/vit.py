@@ -45,6 +45,12 @@ class ViTConfig:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
 
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} not divisible by {self.num_heads} heads")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} not a multiple of patch {self.patch_size}")
+
     @property
     def grid_size(self) -> int:
         return self.img_size // self.patch_size
