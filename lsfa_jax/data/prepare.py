@@ -1,0 +1,143 @@
+"""Builds the prepared datasets once, in a cache keyed by everything that changes their content.
+
+Cache layout: <cache_dir>/prepared/<kind>-<class>-<key>/<builder>/<class>/<version>/, where key
+hashes (dataset kind, class, raw folder, image size, preprocessing on/off and its parameters,
+seed, synthetic config, CODE_VERSION). TFDS writes into a temporary `.incomplete` folder and
+renames it when done, so a half-built entry is never found; an interrupted build is redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import ml_collections
+import tensorflow_datasets as tfds
+from absl import logging
+
+from lsfa_jax.data import mvtec3d, preprocess, synthetic, tfds_builders
+
+# Bump when a change in this package changes the prepared arrays.
+CODE_VERSION = 1
+
+
+def plane_params(data_cfg: ml_collections.ConfigDict) -> preprocess.PlaneRemovalParams | None:
+    """The plane-removal parameters of `config.data`, or None when preprocessing is off."""
+    if not data_cfg.preprocess:
+        return None
+    return preprocess.PlaneRemovalParams(**data_cfg.plane.to_dict())
+
+
+def synthetic_config(data_cfg: ml_collections.ConfigDict) -> synthetic.SyntheticConfig:
+    return synthetic.SyntheticConfig.from_mapping(data_cfg.synthetic.to_dict())
+
+
+def resolve_classes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`data_cfg.classes` as a tuple; "all" (or empty) means every class of the dataset."""
+    if data_cfg.name == "mvtec3d":
+        known = mvtec3d.MVTEC3D_CLASSES
+    elif data_cfg.name == "synthetic":
+        known = synthetic_config(data_cfg).classes
+    else:
+        raise ValueError(f"unknown dataset name {data_cfg.name!r}; expected mvtec3d or synthetic")
+    classes = data_cfg.classes
+    if isinstance(classes, str):
+        classes = known if classes in ("all", "") else tuple(classes.split(","))
+    classes = tuple(classes) or known
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise ValueError(f"unknown {data_cfg.name} classes {unknown}; known: {known}")
+    return classes
+
+
+def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
+    """Everything the prepared arrays of one class depend on (JSON-serialisable)."""
+    plane = plane_params(data_cfg)
+    return dict(
+        kind=data_cfg.name,
+        class_name=class_name,
+        data_dir=str(Path(data_cfg.data_dir).resolve()),
+        image_size=int(data_cfg.image_size),
+        preprocess=plane is not None,
+        plane=dataclasses.asdict(plane) if plane is not None else None,
+        seed=int(data_cfg.seed),
+        synthetic=synthetic_config(data_cfg).to_json() if data_cfg.name == "synthetic" else None,
+        code_version=CODE_VERSION,
+    )
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_entry(cache_dir: str | Path, key: dict) -> Path:
+    return Path(cache_dir) / "prepared" / f"{key['kind']}-{key['class_name']}-{key_digest(key)}"
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) -> dict[str, str]:
+    """Prepares every class of `config.data` (or finds it in the cache).
+
+    For `name="synthetic"` the raw dataset is first generated under `data_dir` when missing.
+
+    Returns:
+      class name -> prepared dataset folder, for `tfds.builder_from_directory` / `pipeline`.
+    """
+    if not data_cfg.data_dir:
+        raise ValueError("config.data.data_dir is empty: set it to the raw dataset folder")
+    raw_root = Path(data_cfg.data_dir)
+    classes = resolve_classes(data_cfg)
+    workers = tfds_builders.resolve_workers(int(data_cfg.num_workers))
+    if data_cfg.name == "synthetic":
+        syn = synthetic_config(data_cfg)
+        if not synthetic.is_generated(raw_root, syn):
+            logging.info("generating the synthetic dataset in %s", raw_root)
+            synthetic.generate_dataset(raw_root, syn, num_workers=workers)
+    elif not raw_root.is_dir():
+        raise mvtec3d.DataError(f"{raw_root}: MVTec 3D-AD folder not found (config.data.data_dir)")
+
+    builder_cls = tfds_builders.BUILDERS[data_cfg.name]
+    prepared = {}
+    for class_name in classes:
+        key = cache_key(data_cfg, class_name)
+        entry = cache_entry(cache_dir, key)
+        entry.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(entry / "key.json", key)
+        config = tfds_builders.PreparedConfig(
+            # TFDS reserves the plain class names for the default configs.
+            name=f"{class_name}_{key_digest(key)}",
+            class_name=class_name,
+            image_size=key["image_size"],
+            plane=plane_params(data_cfg),
+            seed=key["seed"],
+            num_workers=workers,
+        )
+        builder = builder_cls(config=config, data_dir=entry)
+        if (Path(builder.data_dir) / "dataset_info.json").is_file():
+            logging.info("%s/%s: prepared data found in %s", data_cfg.name, class_name, entry)
+        else:
+            logging.info(
+                "%s/%s: preparing from %s into %s (image_size=%d, preprocess=%s, %d workers)",
+                data_cfg.name,
+                class_name,
+                raw_root,
+                entry,
+                key["image_size"],
+                key["preprocess"],
+                workers,
+            )
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=str(raw_root))
+            )
+        prepared[class_name] = str(builder.data_dir)
+    return prepared
