@@ -140,6 +140,8 @@ def make_torch_model(cfg: dict, seed: int) -> TorchPointMAE:
             if isinstance(module, nn.BatchNorm1d):
                 module.running_mean.normal_(0.0, 0.3)
                 module.running_var.uniform_(0.3, 2.0)
+                # A few tiny variances make the BatchNorm epsilon (1e-5) matter.
+                module.running_var[::8] = 3e-6
                 module.num_batches_tracked.fill_(7)
     return model.eval()
 
@@ -340,9 +342,17 @@ def test_interpolation_matches_brute_force():
     np.testing.assert_allclose(got[np.argmax(d2 == 0, axis=0)], features, atol=1e-4)
 
 
-def test_encoder_from_point_mae_checkpoint_matches_torch(tmp_path):
+@pytest.mark.parametrize("token_scale", [1.0, 1e-6])
+def test_encoder_from_point_mae_checkpoint_matches_torch(tmp_path, token_scale):
     cfg = SMALL_CFG
     model = make_torch_model(cfg, seed=0)
+    with torch.no_grad():
+        # Tiny tokens and residual branches (variance << 1e-5) make every LayerNorm epsilon
+        # matter.
+        residual_outputs = [m for b in model.blocks.blocks for m in (b.attn.proj, b.mlp.fc2)]
+        for layer in (model.encoder.second_conv[3], model.pos_embed[2], *residual_outputs):
+            layer.weight.mul_(token_scale)
+            layer.bias.mul_(token_scale)
     path = tmp_path / "pretrain.pth"
     save_like_point_mae(model, path, decoder_dim=cfg["trans_dim"])
     variables = pm.load_point_mae_variables(path, cfg)
