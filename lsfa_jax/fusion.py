@@ -1,0 +1,286 @@
+"""Fusion of the RGB and 3D anomaly scores, and decision-threshold calibration.
+
+Paper §3.4: the final score (image or pixel) is the average of the two modalities' scores. The
+raw PatchCore scores of the modalities live on different scales, so each modality is first
+normalised with statistics of scores of normal samples (training or validation):
+z-score (default) or min-max. The reference code instead fuses with a one-class SVM
+(notes §5.6); `fit_ocsvm_fuser` / `ocsvm_fuse` reproduce it.
+
+Decision rule everywhere: a sample (or pixel) is anomalous iff its score > threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+from sklearn.linear_model import SGDOneClassSVM
+
+NORMALISATION_METHODS = ("zscore", "minmax")
+REFERENCE_RGB_FACTOR = 0.1  # notes §5.6: the fuser sees [s_xyz, 0.1 * s_rgb]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreNormaliser:
+    """Affine map x -> (x - loc) / scale of one modality, fitted on normal scores.
+
+    zscore: loc = mean, scale = std (population, ddof = 0); minmax: loc = min, scale = max - min.
+    """
+
+    method: str
+    loc: float
+    scale: float
+    n_fit: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.loc) / self.scale
+
+
+def _finite_array(where: str, name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"{where}: {name} has dtype {x.dtype}; expected a numeric array")
+    if x.size == 0:
+        raise ValueError(f"{where}: {name} is empty")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(f"{where}: {name} has {int(bad.sum())} non-finite values (nan or inf)")
+    return x
+
+
+def _fit_one(where: str, modality: str, values: np.ndarray, method: str) -> ScoreNormaliser:
+    values = values.astype(np.float64, copy=False)
+    if method == "zscore":
+        loc, scale = float(values.mean()), float(values.std())
+    else:
+        loc, scale = float(values.min()), float(values.max() - values.min())
+    if not scale > 0.0:
+        raise ValueError(
+            f"{where}: the normal scores of modality {modality!r} are constant ({loc}); "
+            "they cannot be normalised"
+        )
+    return ScoreNormaliser(method=method, loc=loc, scale=scale, n_fit=int(values.size))
+
+
+def _check_method(where: str, method: str) -> None:
+    if method not in NORMALISATION_METHODS:
+        raise ValueError(f"{where}: method {method!r} not in {NORMALISATION_METHODS}")
+
+
+def fit_normaliser(
+    scores_by_modality: Mapping[str, np.ndarray], method: str = "zscore"
+) -> dict[str, ScoreNormaliser]:
+    """Per-modality normalisers from image scores of normal samples.
+
+    scores_by_modality: {modality: (N_m,) scores}. Returns {modality: ScoreNormaliser}.
+    """
+    where = "fusion.fit_normaliser"
+    _check_method(where, method)
+    if not scores_by_modality:
+        raise ValueError(f"{where}: no modality given")
+    out = {}
+    for modality, scores in scores_by_modality.items():
+        scores = _finite_array(where, f"scores[{modality!r}]", scores)
+        if scores.ndim != 1:
+            raise ValueError(f"{where}: scores[{modality!r}] must be 1-D; got {scores.shape}")
+        out[modality] = _fit_one(where, modality, scores, method)
+    return out
+
+
+def fit_map_normaliser(
+    maps_by_modality: Mapping[str, np.ndarray],
+    method: str = "zscore",
+    max_pixels: int = 1_000_000,
+    seed: int = 0,
+) -> dict[str, ScoreNormaliser]:
+    """Per-modality normalisers from the pixels of anomaly maps of normal samples.
+
+    maps_by_modality: {modality: (N, H, W) maps}. At most `max_pixels` pixels per modality,
+    drawn uniformly without replacement with `seed`, enter the statistics (all when fewer).
+    """
+    where = "fusion.fit_map_normaliser"
+    _check_method(where, method)
+    if not maps_by_modality:
+        raise ValueError(f"{where}: no modality given")
+    if max_pixels < 1:
+        raise ValueError(f"{where}: max_pixels must be >= 1; got {max_pixels}")
+    out = {}
+    for modality, maps in maps_by_modality.items():
+        maps = _finite_array(where, f"maps[{modality!r}]", maps)
+        if maps.ndim != 3:
+            raise ValueError(f"{where}: maps[{modality!r}] must be (N, H, W); got {maps.shape}")
+        flat = maps.ravel()
+        if flat.size > max_pixels:
+            rng = np.random.default_rng(seed)
+            flat = flat[rng.choice(flat.size, size=max_pixels, replace=False)]
+        out[modality] = _fit_one(where, modality, flat, method)
+    return out
+
+
+def _fuse(
+    where: str,
+    values_by_modality: Mapping[str, np.ndarray],
+    normaliser: Mapping[str, ScoreNormaliser],
+    ndim: int,
+) -> np.ndarray:
+    if set(values_by_modality) != set(normaliser):
+        raise ValueError(
+            f"{where}: modalities {sorted(values_by_modality)} do not match the normaliser's "
+            f"{sorted(normaliser)}"
+        )
+    arrays = {m: _finite_array(where, repr(m), v) for m, v in values_by_modality.items()}
+    shapes = {m: a.shape for m, a in arrays.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{where}: the modalities' shapes differ: {shapes}")
+    first = next(iter(arrays.values()))
+    if first.ndim != ndim:
+        raise ValueError(f"{where}: expected {ndim}-D arrays; got shape {first.shape}")
+    return np.mean([normaliser[m](a) for m, a in arrays.items()], axis=0)
+
+
+def fuse_scores(
+    scores_by_modality: Mapping[str, np.ndarray], normaliser: Mapping[str, ScoreNormaliser]
+) -> np.ndarray:
+    """Mean over modalities of the normalised image scores: {m: (N,)} -> (N,) float64."""
+    return _fuse("fusion.fuse_scores", scores_by_modality, normaliser, ndim=1)
+
+
+def fuse_maps(
+    maps_by_modality: Mapping[str, np.ndarray], normaliser: Mapping[str, ScoreNormaliser]
+) -> np.ndarray:
+    """Mean over modalities of the normalised maps: {m: (N, H, W)} -> (N, H, W) float64."""
+    return _fuse("fusion.fuse_maps", maps_by_modality, normaliser, ndim=3)
+
+
+def fusion_vectors(
+    xyz: np.ndarray, rgb: np.ndarray, rgb_factor: float = REFERENCE_RGB_FACTOR
+) -> np.ndarray:
+    """The reference fuser's inputs: xyz, rgb of equal shape (image (N,) or pixel (N, H, W))
+    -> (M, 2) float64 rows [xyz, rgb_factor * rgb], M = xyz.size."""
+    where = "fusion.fusion_vectors"
+    xyz = _finite_array(where, "xyz", xyz)
+    rgb = _finite_array(where, "rgb", rgb)
+    if xyz.shape != rgb.shape:
+        raise ValueError(f"{where}: xyz has shape {xyz.shape} but rgb has {rgb.shape}")
+    return np.stack(
+        [xyz.ravel().astype(np.float64), rgb_factor * rgb.ravel().astype(np.float64)], axis=1
+    )
+
+
+def fit_ocsvm_fuser(
+    train_vectors: np.ndarray,
+    nu: float = 0.5,
+    max_iter: int = 1000,
+    random_state: int = 42,
+) -> SGDOneClassSVM:
+    """The reference decision-level fuser (notes §5.6): sklearn SGDOneClassSVM with its
+    defaults and random_state 42, fitted on (M, 2) `fusion_vectors` of the training set."""
+    where = "fusion.fit_ocsvm_fuser"
+    train_vectors = _finite_array(where, "train_vectors", train_vectors)
+    if train_vectors.ndim != 2 or train_vectors.shape[1] != 2:
+        raise ValueError(f"{where}: train_vectors must be (M, 2); got {train_vectors.shape}")
+    return SGDOneClassSVM(nu=nu, max_iter=max_iter, random_state=random_state).fit(train_vectors)
+
+
+def ocsvm_fuse(
+    fuser: SGDOneClassSVM,
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    rgb_factor: float = REFERENCE_RGB_FACTOR,
+) -> np.ndarray:
+    """Fused scores `fuser.score_samples` (= vectors @ coef_, no intercept), shaped like xyz."""
+    vectors = fusion_vectors(xyz, rgb, rgb_factor)
+    return fuser.score_samples(vectors).reshape(np.shape(xyz))
+
+
+def calibrate_threshold(
+    normal_scores: np.ndarray, quantile: float | None = 0.99, target_fpr: float | None = None
+) -> float:
+    """Decision threshold from scores of normal (validation) samples, any shape.
+
+    quantile: the `quantile` of the normal scores (numpy linear interpolation).
+    target_fpr (overrides quantile): the smallest threshold t, among the normal scores, whose
+    false-positive rate on them, mean(normal > t), is <= target_fpr.
+    """
+    where = "fusion.calibrate_threshold"
+    normal = _finite_array(where, "normal_scores", normal_scores).ravel().astype(np.float64)
+    if target_fpr is not None:
+        if not 0.0 <= target_fpr < 1.0:
+            raise ValueError(f"{where}: target_fpr must be in [0, 1); got {target_fpr}")
+        ordered = np.sort(normal)
+        # At most floor(target_fpr * n) normal scores may exceed t: t = the value at that rank
+        # from the top; ties at t only lower the false-positive count.
+        allowed = int(np.floor(target_fpr * ordered.size))
+        return float(ordered[ordered.size - 1 - allowed])
+    if quantile is None or not 0.0 <= quantile <= 1.0:
+        raise ValueError(
+            f"{where}: quantile must be in [0, 1] (or give target_fpr); got {quantile}"
+        )
+    return float(np.quantile(normal, quantile))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdStats:
+    """Confusion counts and rates at one threshold (anomalous iff score > threshold).
+
+    precision is nan when nothing is flagged, recall when there is no defective sample, fpr
+    when there is no good sample; `notes` then says so.
+    """
+
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    fpr: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    notes: list[str]
+
+
+def precision_recall_at(threshold: float, labels: np.ndarray, scores: np.ndarray) -> ThresholdStats:
+    """Precision, recall, F1 and FPR of `scores > threshold` against labels (1 = defect).
+
+    labels, scores: equal shapes, e.g. (N,) images or (N, H, W) pixels.
+    """
+    where = "fusion.precision_recall_at"
+    labels = np.asarray(labels)
+    scores = _finite_array(where, "scores", scores)
+    if labels.shape != scores.shape:
+        raise ValueError(f"{where}: labels has shape {labels.shape} but scores has {scores.shape}")
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        raise ValueError(f"{where}: labels must be 0/1; found {int(bad.sum())} other values")
+    positive = labels == 1
+    flagged = scores > threshold
+    tp = int(np.sum(flagged & positive))
+    fp = int(np.sum(flagged & ~positive))
+    fn = int(np.sum(~flagged & positive))
+    tn = int(np.sum(~flagged & ~positive))
+    notes = []
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    if tp + fp == 0:
+        notes.append("precision undefined: no sample is above the threshold")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    if tp + fn == 0:
+        notes.append("recall undefined: no defective sample")
+    fpr = fp / (fp + tn) if fp + tn else float("nan")
+    if fp + tn == 0:
+        notes.append("FPR undefined: no good sample")
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    if tp + fp + fn == 0:
+        notes.append("F1 undefined: no defective sample and nothing flagged")
+    return ThresholdStats(
+        threshold=float(threshold),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        fpr=fpr,
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+        notes=notes,
+    )
