@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.linear_model import SGDOneClassSVM
 
 NORMALISATION_METHODS = ("zscore", "minmax")
@@ -37,7 +38,7 @@ class ScoreNormaliser:
         return (np.asarray(x, dtype=np.float64) - self.loc) / self.scale
 
 
-def _finite_array(where: str, name: str, x) -> np.ndarray:
+def _finite_array(where: str, name: str, x: ArrayLike) -> np.ndarray:
     x = np.asarray(x)
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise ValueError(f"{where}: {name} has dtype {x.dtype}; expected a numeric array")

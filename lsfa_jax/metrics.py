@@ -17,6 +17,7 @@ import dataclasses
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 # 8-connectivity inside each image, no connectivity across images of the (N, H, W) stack.
@@ -52,7 +53,12 @@ def _check_scores(name: str, where: str, x: np.ndarray) -> np.ndarray:
 
 
 def _validate_pair(
-    where: str, truth_name: str, truth, score_name: str, scores, ndim: int | None
+    where: str,
+    truth_name: str,
+    truth: ArrayLike,
+    score_name: str,
+    scores: ArrayLike,
+    ndim: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     truth = np.asarray(truth)
     scores = np.asarray(scores)
@@ -117,7 +123,7 @@ def _auroc_from_sorted(positive: np.ndarray, sorted_scores: _SortedScores) -> fl
     return twice_area / (2.0 * n_pos * n_neg)
 
 
-def image_auroc(labels, scores) -> float:
+def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Exact I-AUROC. labels: (N,) 0/1 (1 = defect); scores: (N,) finite.
 
     Returns nan when the split has no defective or no good sample (see `evaluate_class`).
@@ -126,7 +132,7 @@ def image_auroc(labels, scores) -> float:
     return _auroc_from_sorted(labels, _sort_scores(scores))
 
 
-def pixel_auroc(masks, maps) -> float:
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """Exact P-AUROC over every pixel of every image. masks: (N, H, W) 0/1; maps: (N, H, W).
 
     Returns nan when there is no defect pixel or no good pixel.
@@ -135,7 +141,9 @@ def pixel_auroc(masks, maps) -> float:
     return _auroc_from_sorted(masks, _sort_scores(maps))
 
 
-def roc_curve_points(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve_points(
+    labels: ArrayLike, scores: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC curve at every distinct threshold (positive iff score >= threshold).
 
     labels, scores: equal shapes (e.g. (N,) image level or (N, H, W) pixel level).
@@ -199,13 +207,17 @@ def _area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return float(np.sum(width * (y0 + y_end)) / 2.0)
 
 
-def _pro_inputs(where: str, masks, maps) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _pro_inputs(
+    where: str, masks: ArrayLike, maps: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     masks, maps = _validate_pair(where, "masks", masks, "maps", maps, 3)
     regions, n_regions = _label_regions(masks)
     return masks, maps, regions, n_regions
 
 
-def pro_curve_points(masks, maps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pro_curve_points(
+    masks: ArrayLike, maps: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact PRO curve. masks: (N, H, W) 0/1; maps: (N, H, W) finite.
 
     Regions are the 8-connected components of each mask; FPR is over all OK pixels of all
@@ -229,7 +241,7 @@ def _aupro_exact_sorted(
     return [_area_to_limit(fpr, pro, limit) / limit for limit in limits]
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """Exact normalised area under the PRO curve up to `fpr_limit` (see `pro_curve_points`).
 
     masks: (N, H, W) 0/1; maps: (N, H, W). Returns a value in [0, 1]; nan when there is no
@@ -277,7 +289,7 @@ def _aupro_reference_labelled(
     return [_area_to_limit(fpr, pro, limit) / limit for limit in limits]
 
 
-def aupro_reference(masks, maps, fpr_limit: float = 0.3) -> float:
+def aupro_reference(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """AUPRO as the reference code estimates it (notes §6), for parity with published tables.
 
     100 thresholds at positions linspace(0, N_ok - 1, 100) (cast to int) of the sorted OK
@@ -322,7 +334,13 @@ class ClassMetrics:
         }
 
 
-def evaluate_class(labels, scores, masks, maps, aupro_method: str = "exact") -> ClassMetrics:
+def evaluate_class(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    masks: ArrayLike,
+    maps: ArrayLike,
+    aupro_method: str = "exact",
+) -> ClassMetrics:
     """All metrics of one class. labels: (N,) 0/1; scores: (N,); masks, maps: (N, H, W).
 
     Sorts the pixels once for P-AUROC and exact AUPRO. A good image (label 0) must have an
