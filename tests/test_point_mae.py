@@ -444,5 +444,7 @@ def test_orbax_round_trip_and_config_checks(tmp_path):
         pm.load_point_mae_variables(tmp_path / "point_mae", dict(SMALL_CFG, trans_dim=64))
     with pytest.raises(ValueError, match="unknown keys"):
         pm.point_mae_encoder(dict(SMALL_CFG, drop_path=0.1))
+    with pytest.raises(ValueError, match="num_group=2 must be >= 3"):
+        pm.point_mae_encoder(dict(SMALL_CFG, num_group=2))
     with pytest.raises(ValueError, match="out_layers"):
         pm.point_mae_encoder(dict(SMALL_CFG, out_layers=(4,)))

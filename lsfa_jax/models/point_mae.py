@@ -284,10 +284,6 @@ class PointMAEEncoder(nn.Module):
                 taps.append(final_norm(x))
         return jnp.concatenate(taps, axis=-1)
 
-    @property
-    def feature_dim(self) -> int:
-        return len(self.out_layers) * self.trans_dim
-
 
 def point_mae_encoder(model_cfg: Mapping[str, Any] | Any) -> PointMAEEncoder:
     """Builds the encoder from a config (ConfigDict or mapping) with keys from CONFIG_FIELDS."""
@@ -303,6 +299,11 @@ def point_mae_encoder(model_cfg: Mapping[str, Any] | Any) -> PointMAEEncoder:
         raise ValueError(
             f"point_backbone config: out_layers {encoder.out_layers} must be non-empty "
             f"and within [0, depth={encoder.depth})"
+        )
+    if encoder.num_group < 3 or encoder.group_size < 1:
+        raise ValueError(
+            f"point_backbone config: num_group={encoder.num_group} must be >= 3 (3-NN "
+            f"interpolation) and group_size={encoder.group_size} >= 1"
         )
     if encoder.trans_dim % encoder.num_heads:
         raise ValueError(
