@@ -1,0 +1,310 @@
+"""PatchCore scoring: exact kNN against a memory bank, image scores and anomaly maps.
+
+Everything on the device path is jitted with static shapes. The kNN search walks the bank in
+fixed-size chunks with `lax.scan`, merging a running top-k, so memory stays O(Q * chunk) for
+banks of a million rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageFilter
+
+from lsfa_jax.patchcore.bank import MemoryBank
+from lsfa_jax.patchcore.normalisation import normalise
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.partial(jax.jit, static_argnames=("k", "bank_chunk"))
+def nearest_neighbours(
+    queries: jax.Array,
+    bank: jax.Array,
+    bank_valid: jax.Array | None = None,
+    *,
+    k: int = 1,
+    bank_chunk: int = 4096,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact k nearest bank rows (L2) of each query.
+
+    Args:
+      queries: (Q, D) float.
+      bank: (M, D) float32 or bfloat16 (converted to float32 one chunk at a time).
+      bank_valid: optional (M,) bool; masked rows never win.
+      k: neighbours per query.
+      bank_chunk: bank rows per scan step (the bank is padded to a multiple of it; a bank that
+        is already a multiple, as `MemoryBank`s are, is not copied).
+
+    Returns:
+      distances (Q, k) float32 ascending and indices (Q, k) int32; lowest index on ties. Where
+      fewer than k valid rows exist the missing entries are inf with index -1.
+    Distances use ||q||^2 + ||b||^2 - 2 q.b at HIGHEST precision (TF32 would be far off on
+    GPU), clamped at 0 before the sqrt.
+    """
+    queries = queries.astype(jnp.float32)
+    n_bank, dim = bank.shape
+    chunk = min(bank_chunk, n_bank)
+    n_chunks = -(-n_bank // chunk)
+    pad = n_chunks * chunk - n_bank
+    valid = jnp.ones((n_bank,), bool) if bank_valid is None else bank_valid.astype(bool)
+    if pad:
+        bank = jnp.pad(bank, ((0, pad), (0, 0)))
+        valid = jnp.pad(valid, (0, pad))
+    blocks = bank.reshape(n_chunks, chunk, dim)
+    valid_blocks = valid.reshape(n_chunks, chunk)
+    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+    query_sq = jnp.sum(jnp.square(queries), axis=-1)
+    n_queries = queries.shape[0]
+
+    def step(carry, inputs):
+        best_d2, best_idx = carry
+        block, block_valid, offset = inputs
+        block = block.astype(jnp.float32)
+        cross = jnp.matmul(queries, block.T, precision=_HIGHEST)
+        d2 = query_sq[:, None] + jnp.sum(jnp.square(block), axis=-1)[None, :] - 2.0 * cross
+        d2 = jnp.where(block_valid[None, :], jnp.maximum(d2, 0.0), jnp.inf)
+        if k == 1:
+            local = jnp.argmin(d2, axis=1)
+            local_d2 = jnp.take_along_axis(d2, local[:, None], axis=1)
+            # Strict < keeps the earlier chunk on ties: lowest index overall.
+            better = local_d2 < best_d2
+            best_d2 = jnp.where(better, local_d2, best_d2)
+            best_idx = jnp.where(better, (local + offset)[:, None].astype(jnp.int32), best_idx)
+        else:
+            block_idx = jnp.broadcast_to(offset + jnp.arange(chunk, dtype=jnp.int32), d2.shape)
+            all_d2 = jnp.concatenate([best_d2, d2], axis=1)
+            all_idx = jnp.concatenate([best_idx, block_idx], axis=1)
+            # top_k puts the lower position first on ties; the carry (earlier rows) comes first.
+            neg_d2, pos = jax.lax.top_k(-all_d2, k)
+            best_d2 = -neg_d2
+            best_idx = jnp.take_along_axis(all_idx, pos, axis=1)
+        return (best_d2, best_idx), None
+
+    init = (
+        jnp.full((n_queries, k), jnp.inf, jnp.float32),
+        jnp.full((n_queries, k), -1, jnp.int32),
+    )
+    (best_d2, best_idx), _ = jax.lax.scan(step, init, (blocks, valid_blocks, offsets))
+    best_idx = jnp.where(jnp.isfinite(best_d2), best_idx, -1)
+    return jnp.sqrt(best_d2), best_idx
+
+
+def patchcore_image_score(
+    queries: jax.Array,
+    bank: jax.Array,
+    nn_dist: jax.Array,
+    nn_idx: jax.Array,
+    dim: int | None = None,
+    *,
+    bank_valid: jax.Array | None = None,
+    reweight: bool = True,
+    bank_chunk: int = 4096,
+) -> jax.Array:
+    """Image-level score of one image from its patch NN distances -> () float32.
+
+    Args:
+      queries: (P, D) normalised patch features; bank: (M, D); bank_valid: optional (M,) bool.
+      nn_dist, nn_idx: (P,) nearest-bank-row distance and index of each patch.
+      dim: D in the exponent's sqrt(D) (defaults to queries.shape[-1]).
+      reweight: False gives the plain max patch score s*.
+
+    The reweighting is the LSFA reference's variant (notes 5.4), not the PatchCore paper's:
+    p* = argmax nn_dist, s* = nn_dist[p*], m* = bank[nn_idx[p*]]; take the 3 bank rows nearest
+    to m* (the first is normally m* itself) and r_j = ||X[p*] - bank[nb_j]|| for the other two;
+    w = 1 - exp(s*/sqrt(D)) / sum_j exp(r_j/sqrt(D)); score = w * s*. The sum excludes m* and
+    the exponent is scaled by 1/sqrt(D), so w can be negative.
+    """
+    worst = jnp.argmax(nn_dist)
+    s_star = nn_dist[worst]
+    if not reweight:
+        return s_star
+    dim = queries.shape[-1] if dim is None else dim
+    m_star = bank[nn_idx[worst]].astype(jnp.float32)
+    _, neighbours = nearest_neighbours(
+        m_star[None, :], bank, bank_valid, k=3, bank_chunk=bank_chunk
+    )
+    others = bank[neighbours[0, 1:]].astype(jnp.float32)
+    r = jnp.sqrt(jnp.sum(jnp.square(queries[worst].astype(jnp.float32) - others), axis=-1))
+    scale = math.sqrt(dim)
+    weight = 1.0 - jnp.exp(s_star / scale) / jnp.sum(jnp.exp(r / scale))
+    return weight * s_star
+
+
+@functools.cache
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of PyTorch's bilinear resize, align_corners=False.
+
+    Source coordinate (i + 0.5) * in/out - 0.5, clamped at 0; the upper neighbour is clamped
+    to the last input sample.
+    """
+    src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    lower = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    frac = src - lower
+    matrix = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1.0 - frac)
+    np.add.at(matrix, (rows, upper), frac)
+    return matrix
+
+
+@functools.cache
+def gaussian_blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """(size, size) float64 matrix of a 1-D Gaussian filter with 'reflect' boundaries.
+
+    Same kernel as scipy.ndimage.gaussian_filter: radius int(truncate * sigma + 0.5), weights
+    exp(-x^2 / (2 sigma^2)) normalised; mode 'reflect' mirrors about the edge, repeating the
+    edge sample (d c b a | a b c d).
+    """
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * np.square(offsets / sigma))
+    kernel /= kernel.sum()
+    source = np.pad(np.arange(size), radius, mode="symmetric")
+    rows = np.repeat(np.arange(size), offsets.size)
+    cols = source[np.arange(size)[:, None] + radius + offsets[None, :]].reshape(-1)
+    matrix = np.zeros((size, size), np.float64)
+    np.add.at(matrix, (rows, cols), np.tile(kernel, size))
+    return matrix
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "sigma"))
+def anomaly_map(
+    patch_scores: jax.Array, *, out_size: int = 224, sigma: float | None = 4.0
+) -> jax.Array:
+    """(B, G, G) patch scores -> (B, out_size, out_size) float32 anomaly maps.
+
+    Bilinear upsampling (PyTorch align_corners=False) then a float Gaussian blur (sigma, 4-sigma
+    truncation, 'reflect' boundaries as scipy.ndimage.gaussian_filter); sigma=None skips the
+    blur. Both steps are linear and separable, so they fold into one (out, G) matrix per axis.
+    The reference's 8-bit PIL blur is `pil_blur` (host only).
+    """
+    _, height, width = patch_scores.shape
+    rows = bilinear_matrix(height, out_size)
+    cols = bilinear_matrix(width, out_size)
+    if sigma is not None:
+        rows = gaussian_blur_matrix(out_size, sigma) @ rows
+        cols = gaussian_blur_matrix(out_size, sigma) @ cols
+    return jnp.einsum(
+        "oh,bhw,pw->bop",
+        jnp.asarray(rows, jnp.float32),
+        patch_scores.astype(jnp.float32),
+        jnp.asarray(cols, jnp.float32),
+        precision=_HIGHEST,
+    )
+
+
+def pil_blur(maps: np.ndarray, radius: float = 4.0) -> np.ndarray:
+    """(B, H, W) -> (B, H, W) float32: the reference's KNNGaussianBlur, on the host.
+
+    Per map: divide by its max, x255 truncated to uint8, PIL GaussianBlur(radius), /255, times
+    the max. An all-zero map stays zero (the reference would divide by zero).
+    """
+    maps = np.asarray(maps, np.float32)
+    out = np.empty_like(maps)
+    for i, image in enumerate(maps):
+        peak = float(image.max())
+        if peak <= 0.0:
+            if peak < 0.0 or image.min() < 0.0:
+                raise ValueError("pil_blur: anomaly maps must be non-negative")
+            out[i] = 0.0
+            continue
+        # torch's float -> byte conversion truncates toward zero.
+        quantised = np.clip(image / peak * 255.0, 0.0, 255.0).astype(np.uint8)
+        blurred = Image.fromarray(quantised, mode="L").filter(ImageFilter.GaussianBlur(radius))
+        out[i] = np.asarray(blurred, np.float32) / 255.0 * peak
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "reweight", "sigma", "bank_chunk"))
+def _score_images(
+    bank: MemoryBank,
+    queries: jax.Array,
+    patch_mask: jax.Array | None,
+    *,
+    out_size: int,
+    reweight: bool,
+    sigma: float | None,
+    bank_chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    batch, n_patches, dim = queries.shape
+    grid = math.isqrt(n_patches)
+    if grid * grid != n_patches:
+        raise ValueError(f"score_batch: {n_patches} patches do not form a square grid")
+    mask = jnp.ones((batch, n_patches), bool) if patch_mask is None else patch_mask
+
+    def one_image(args):
+        features, foreground = args
+        features = normalise(features, bank.stats)
+        dist, idx = nearest_neighbours(
+            features, bank.features, bank.valid, k=1, bank_chunk=bank_chunk
+        )
+        dist = jnp.where(foreground, dist[:, 0], 0.0)
+        score = patchcore_image_score(
+            features,
+            bank.features,
+            dist,
+            idx[:, 0],
+            dim,
+            bank_valid=bank.valid,
+            reweight=reweight,
+            bank_chunk=bank_chunk,
+        )
+        return score, dist
+
+    scores, patch_scores = jax.lax.map(one_image, (queries, mask))
+    maps = anomaly_map(patch_scores.reshape(batch, grid, grid), out_size=out_size, sigma=sigma)
+    return scores, maps
+
+
+def score_batch(
+    bank: MemoryBank,
+    queries: jax.Array,
+    *,
+    out_size: int = 224,
+    reweight: bool = True,
+    blur: str = "gaussian",
+    sigma: float = 4.0,
+    patch_mask: jax.Array | None = None,
+    bank_chunk: int = 4096,
+) -> tuple[jax.Array, jax.Array]:
+    """Scores a batch of images of one modality against its memory bank.
+
+    Args:
+      bank: the modality's MemoryBank (queries are normalised with bank.stats here).
+      queries: (B, P, D) raw patch features, P = G*G in row-major order.
+      out_size: side of the anomaly maps.
+      reweight: the reference's image-score reweighting (see `patchcore_image_score`).
+      blur: "gaussian" (float, jitted), "pil" (the reference's 8-bit PIL blur, on the host) or
+        "none".
+      sigma: blur sigma (PIL radius) in output pixels.
+      patch_mask: optional (B, P) bool foreground; patches outside it score 0 (off by default,
+        as in the reference).
+      bank_chunk: bank rows per kNN scan step.
+
+    Returns:
+      image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
+    """
+    if blur not in ("gaussian", "pil", "none"):
+        raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
+    if queries.ndim != 3 or queries.shape[-1] != bank.features.shape[-1]:
+        raise ValueError(
+            f"score_batch: queries must be (B, P, {bank.features.shape[-1]}), got {queries.shape}"
+        )
+    scores, maps = _score_images(
+        bank,
+        queries,
+        patch_mask,
+        out_size=out_size,
+        reweight=reweight,
+        sigma=float(sigma) if blur == "gaussian" else None,
+        bank_chunk=bank_chunk,
+    )
+    if blur == "pil":
+        maps = jnp.asarray(pil_blur(np.asarray(maps), sigma))
+    return scores, maps
