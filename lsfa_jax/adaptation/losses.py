@@ -1,0 +1,286 @@
+"""LSFA losses (paper 3.2-3.3, Eqs. 2-9) as pure functions over explicit arrays.
+
+Notation: B samples, P patches, E projection dim, C feature dim. Masks replace ragged sets:
+`fg` (B, P) marks foreground patches. All reductions are means over the valid entries (the
+paper's Eqs. 5-6 write sums; a mean keeps the scale independent of the batch size and of the
+number of foreground patches, as the reference code does).
+
+Total (Eq. 9): L = w_ifc * [w_lc * (L_LC^I + L_LC^P) + w_gc * (L_GC^I + L_GC^P)]
+                 + lambda * (w_la * L_LA + w_ga * L_GA).
+Paper defaults: all w = 1, lambda = 0.6. The reference code's variant (notes 4.4/4.7) is
+lambda = 1, w_la = 1, w_ga = 0.1, w_ifc = 0.9, w_gc = 0.4, capped distances, InfoNCE scaled by
+2T, IFC only after 60 steps and for samples whose class RGB bank is (nearly) full. The reference's
+local-rotation term needs features of rotated images, which the feature batches do not carry; it
+is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lsfa_jax.adaptation.banks import Bank, nearest_rows
+from lsfa_jax.adaptation.kmeans import global_feature
+
+BANK_NAMES = ("rgb_local", "xyz_local", "rgb_global", "xyz_global")
+_NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free in the backward pass
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _infonce_rows(
+    a: jax.Array, b: jax.Array, mask: jax.Array, temperature: float, chunk_size: int | None
+) -> jax.Array:
+    """Mean over valid rows i of -log softmax_j(<a_i, b_j> / T)[i], j over valid rows of b.
+
+    a, b (N, E) already normalised, mask (N,). With `chunk_size` the (N, N) logits are built
+    `chunk_size` rows at a time, and each chunk is rematerialised in the backward pass, so at
+    most (chunk_size, N) logits exist at once.
+    """
+    N = a.shape[0]
+    col_mask = mask[None, :]
+
+    def rows(a_c, b_c, m_c):
+        logits = jnp.matmul(a_c, b.T, precision=jax.lax.Precision.HIGHEST) / temperature
+        lse = jax.nn.logsumexp(jnp.where(col_mask, logits, _NEG), axis=1)
+        pos = jnp.sum(a_c * b_c, axis=-1) / temperature
+        return jnp.where(m_c, lse - pos, 0.0)
+
+    if chunk_size is None or chunk_size >= N:
+        per_row = rows(a, b, mask)
+    else:
+        num_chunks = -(-N // chunk_size)
+        pad = num_chunks * chunk_size - N
+        shape = (num_chunks, chunk_size)
+        a_p = jnp.pad(a, ((0, pad), (0, 0))).reshape(*shape, -1)
+        b_p = jnp.pad(b, ((0, pad), (0, 0))).reshape(*shape, -1)
+        m_p = jnp.pad(mask, (0, pad)).reshape(shape)
+        per_row = jax.lax.map(lambda t: jax.checkpoint(rows)(*t), (a_p, b_p, m_p))
+    return jnp.sum(per_row) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def symmetric_infonce(
+    a: jax.Array,
+    b: jax.Array,
+    mask: jax.Array,
+    temperature: float = 1.0,
+    scale_by_2t: bool = False,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """0.5 * (InfoNCE(a->b) + InfoNCE(b->a)) over the valid rows; a, b (N, E), mask (N,).
+
+    Positive of row i is row i of the other modality; embeddings are L2-normalised first.
+    `scale_by_2t` multiplies by 2T as the reference (MoCo v3) code does. 0 when no row is valid.
+    """
+    a, b = _l2_normalize(a), _l2_normalize(b)
+    loss = 0.5 * (
+        _infonce_rows(a, b, mask, temperature, chunk_size)
+        + _infonce_rows(b, a, mask, temperature, chunk_size)
+    )
+    return loss * (2.0 * temperature) if scale_by_2t else loss
+
+
+def clc_local_loss(
+    q: jax.Array,
+    k: jax.Array,
+    fg: jax.Array,
+    temperature: float = 1.0,
+    scale_by_2t: bool = False,
+    chunk_size: int | None = 4096,
+) -> jax.Array:
+    """L_LA (Eq. 2): patch-level cross-modal InfoNCE over the foreground patches of the batch.
+
+    q = H_I(F_I) (B, P, E), k = H_P(F_P) (B, P, E), fg (B, P) bool. Positive: same sample and
+    location; negatives: every other foreground patch of the batch. Symmetric; scalar.
+    """
+    B, P, E = q.shape
+    return symmetric_infonce(
+        q.reshape(B * P, E),
+        k.reshape(B * P, E),
+        fg.reshape(B * P),
+        temperature,
+        scale_by_2t,
+        chunk_size,
+    )
+
+
+def clc_global_loss(
+    g_img: jax.Array,
+    g_pt: jax.Array,
+    temperature: float = 1.0,
+    valid: jax.Array | None = None,
+    scale_by_2t: bool = False,
+) -> jax.Array:
+    """L_GA (Eq. 3): InfoNCE between projected instance features g_img, g_pt (B, E); symmetric.
+
+    `valid` (B,) drops samples (e.g. without foreground) from both rows and negatives.
+    """
+    if valid is None:
+        valid = jnp.ones(g_img.shape[:1], bool)
+    return symmetric_infonce(g_img, g_pt, valid, temperature, scale_by_2t)
+
+
+def feature_distance(x: jax.Array, y: jax.Array, capped: bool = False, cap: float = 50.0):
+    """L2 distance |x - y| over the last axis (differences, not the expansion).
+
+    `capped`: the reference's sqrt(clip(d2, 1e-12, cap)) (gradient 0 beyond sqrt(cap)); otherwise
+    sqrt(max(d2, 1e-12)), which keeps the gradient finite at d = 0.
+    """
+    d2 = jnp.sum((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2, axis=-1)
+    return jnp.sqrt(jnp.clip(d2, 1e-12, cap) if capped else jnp.maximum(d2, 1e-12))
+
+
+def ifc_local_loss(
+    x: jax.Array,
+    mask: jax.Array,
+    bank: Bank,
+    bank_ids: jax.Array,
+    capped: bool = False,
+    cap: float = 50.0,
+    chunk_size: int = 8192,
+) -> jax.Array:
+    """L_LC (Eq. 5): distance of each valid feature to its nearest filled row of its bank.
+
+    x (B, P, C), mask (B, P), bank_ids (B,) which buffer of `bank` sample b searches (its class,
+    or 0 for a shared bank). Per sample the mean over its valid patches, then the mean over
+    samples with at least one valid patch and a non-empty buffer; 0 when there is none.
+    """
+    nearest, has_any = nearest_rows(bank, x, bank_ids, chunk_size)
+    d = feature_distance(x, nearest, capped, cap)
+    mask = mask & has_any[:, None]
+    per_sample = jnp.sum(jnp.where(mask, d, 0.0), axis=1) / jnp.maximum(mask.sum(axis=1), 1)
+    sample_ok = mask.any(axis=1)
+    return jnp.sum(jnp.where(sample_ok, per_sample, 0.0)) / jnp.maximum(sample_ok.sum(), 1)
+
+
+def ifc_global_loss(
+    g: jax.Array,
+    bank: Bank,
+    bank_ids: jax.Array,
+    valid: jax.Array | None = None,
+    capped: bool = False,
+    cap: float = 50.0,
+    chunk_size: int = 8192,
+) -> jax.Array:
+    """L_GC (Eq. 6): mean over valid samples of the distance of g (B, C) to its nearest bank row."""
+    if valid is None:
+        valid = jnp.ones(g.shape[:1], bool)
+    return ifc_local_loss(g[:, None, :], valid[:, None], bank, bank_ids, capped, cap, chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static loss settings (hashable, so it can close over a jitted step); see train.py."""
+
+    lambda_clc: float = 0.6
+    w_la: float = 1.0
+    w_ga: float = 1.0
+    w_ifc: float = 1.0
+    w_lc: float = 1.0
+    w_gc: float = 1.0
+    temperature: float = 1.0
+    scale_by_2t: bool = False
+    capped_distance: bool = False
+    distance_cap: float = 50.0
+    ifc_warmup_steps: int = 0
+    ifc_min_bank_fill: float = 0.0
+    banks_per_class: bool = True
+    rgb_local_all_patches: bool = True
+    global_method: str = "kmeans"
+    kmeans_clusters: int = 8
+    kmeans_iters: int = 10
+    clc_chunk_size: int = 4096
+    nn_chunk_size: int = 8192
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> LossConfig:
+        """Reads the fields of this class from `config.adaptation` (missing keys keep defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        get = cfg.get if isinstance(cfg, Mapping) else lambda n, d: getattr(cfg, n, d)
+        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None})
+
+
+def lsfa_loss(
+    params: Any,
+    model: Any,
+    batch: Mapping[str, Any],
+    banks: Mapping[str, Bank],
+    step: jax.Array,
+    key: jax.Array,
+    cfg: LossConfig,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Total LSFA loss (Eq. 9) for one batch and what to push into the banks afterwards.
+
+    batch: rgb (B,P,Ci), xyz (B,P,Cp), fg (B,P) bool, class_id (B,) int, optional rgb_cls (B,Ci).
+    banks: `BANK_NAMES` -> Bank (features from earlier steps only). Returns (loss, aux) with
+    aux["terms"] the scalar terms for logging and aux["push"] the detached features and masks.
+    """
+    fg = batch["fg"].astype(bool)
+    B = fg.shape[0]
+    f_img, f_pt = model.apply({"params": params}, batch["rgb"], batch["xyz"], batch.get("rgb_cls"))
+    f_img, f_pt = f_img.astype(jnp.float32), f_pt.astype(jnp.float32)
+    q = model.apply({"params": params}, f_img, method="project_rgb").astype(jnp.float32)
+    k = model.apply({"params": params}, f_pt, method="project_xyz").astype(jnp.float32)
+
+    keys = jax.random.split(key, 2 * B).reshape(2, B, -1)
+
+    def globals_of(f, ks):
+        fn = lambda x, m, kk: global_feature(
+            x, m, cfg.global_method, cfg.kmeans_clusters, cfg.kmeans_iters, kk
+        )
+        return jax.vmap(fn)(f, fg, ks)
+
+    g_img, g_pt = globals_of(f_img, keys[0]), globals_of(f_pt, keys[1])
+    has_fg = fg.any(axis=1)
+
+    la = clc_local_loss(q, k, fg, cfg.temperature, cfg.scale_by_2t, cfg.clc_chunk_size)
+    g_q = model.apply({"params": params}, g_img, method="project_rgb")
+    g_k = model.apply({"params": params}, g_pt, method="project_xyz")
+    ga = clc_global_loss(g_q, g_k, cfg.temperature, has_fg, cfg.scale_by_2t)
+
+    bank_ids = batch["class_id"].astype(jnp.int32) if cfg.banks_per_class else jnp.zeros(B, int)
+    rgb_bank = banks["rgb_local"]
+    needed = max(1, math.ceil(cfg.ifc_min_bank_fill * rgb_bank.features.shape[1]))
+    eligible = (rgb_bank.count[bank_ids] >= needed) & (step >= cfg.ifc_warmup_steps)
+    rgb_mask = jnp.ones_like(fg) if cfg.rgb_local_all_patches else fg
+    dist = dict(capped=cfg.capped_distance, cap=cfg.distance_cap, chunk_size=cfg.nn_chunk_size)
+    lc_rgb = ifc_local_loss(f_img, rgb_mask & eligible[:, None], rgb_bank, bank_ids, **dist)
+    lc_xyz = ifc_local_loss(f_pt, fg & eligible[:, None], banks["xyz_local"], bank_ids, **dist)
+    g_ok = has_fg & eligible
+    gc_rgb = ifc_global_loss(g_img, banks["rgb_global"], bank_ids, g_ok, **dist)
+    gc_xyz = ifc_global_loss(g_pt, banks["xyz_global"], bank_ids, g_ok, **dist)
+
+    clc = cfg.w_la * la + cfg.w_ga * ga
+    ifc = cfg.w_lc * (lc_rgb + lc_xyz) + cfg.w_gc * (gc_rgb + gc_xyz)
+    total = cfg.w_ifc * ifc + cfg.lambda_clc * clc
+    terms = dict(
+        total=total,
+        clc=clc,
+        ifc=ifc,
+        la=la,
+        ga=ga,
+        lc_rgb=lc_rgb,
+        lc_xyz=lc_xyz,
+        gc_rgb=gc_rgb,
+        gc_xyz=gc_xyz,
+        ifc_eligible=jnp.sum(eligible).astype(jnp.float32),
+    )
+    push = dict(
+        rgb_local=f_img,
+        xyz_local=f_pt,
+        rgb_global=g_img,
+        xyz_global=g_pt,
+        rgb_mask=rgb_mask,
+        xyz_mask=fg,
+        global_mask=has_fg,
+        bank_ids=bank_ids,
+    )
+    return total, dict(terms=terms, push=jax.tree.map(jax.lax.stop_gradient, push))

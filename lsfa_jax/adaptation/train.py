@@ -1,0 +1,398 @@
+"""LSFA adaptor training (paper Algorithm 1): loss, optimizer step, then bank update, per batch.
+
+Data interface: `batches_fn(epoch)` returns an iterable of dicts with `rgb` (B,P,rgb_dim),
+`xyz` (B,P,xyz_dim), `fg` (B,P) bool, `class_id` (B,) int32 and optionally `rgb_cls`
+(B,rgb_dim) or None. It must be deterministic given `epoch`: a resumed run skips the batches of
+the current epoch that were already consumed.
+
+Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
+  structure            adaptor structure: encoder1 | encoder2 | linear | conv1x1
+  rgb_dim, xyz_dim     input feature dims (768, 1152); num_patches P (3136, only for init)
+  proj_dim             projection heads' output dim E (512)
+  rgb_heads, xyz_heads attention heads of the adaptors (12, 12)
+  prepend_cls          feed rgb_cls through the RGB adaptor at training when present (reference)
+  lr, weight_decay, b1, b2, eps   AdamW (3e-4, 0.01, 0.9, 0.95, 1e-8; notes 4.6)
+  warmup_steps         linear warm-up (optimizer updates), then cosine decay to 0
+  num_epochs, num_steps  training length in batches: num_steps if > 0, else num_epochs epochs
+  batch_size           global batch size (checked against the batches; split over devices)
+  accum_steps          gradient accumulation: one AdamW update per accum_steps batches (mean)
+  local_bank_size      n^L rows per local bank (5e4, paper 4.3)
+  global_bank_size     n^G rows per global bank
+  banks_per_class      one bank per class (True, reference) or one shared bank
+  bank_dtype           float32 | bfloat16 storage of the banks
+  bf16                 run the adaptors in bfloat16 (parameters, losses and banks stay fp32)
+  seed                 parameter init and k-means keys
+  checkpoint_every, keep_checkpoints, log_every   in batches
+  plus every field of `losses.LossConfig` (lambda_clc, w_la, w_ga, w_ifc, w_lc, w_gc,
+  temperature, scale_by_2t, capped_distance, distance_cap, ifc_warmup_steps, ifc_min_bank_fill,
+  rgb_local_all_patches, global_method, kmeans_clusters, kmeans_iters, clc_chunk_size,
+  nn_chunk_size).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from lsfa_jax.adaptation.banks import Bank, bank_push, init_bank
+from lsfa_jax.adaptation.checkpointing import Checkpointer
+from lsfa_jax.adaptation.losses import BANK_NAMES, LossConfig, lsfa_loss
+from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
+
+Batch = Mapping[str, Any]
+
+
+def default_adaptation_config() -> ml_collections.ConfigDict:
+    """`config.adaptation` with the paper's defaults (see the module docstring for the keys)."""
+    return ml_collections.ConfigDict(
+        dict(
+            structure="encoder1",
+            rgb_dim=768,
+            xyz_dim=1152,
+            num_patches=3136,
+            proj_dim=512,
+            rgb_heads=12,
+            xyz_heads=12,
+            prepend_cls=True,
+            lr=3e-4,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            warmup_steps=332,
+            num_epochs=2,
+            num_steps=0,
+            batch_size=8,
+            accum_steps=1,
+            local_bank_size=50_000,
+            global_bank_size=100,
+            banks_per_class=True,
+            bank_dtype="float32",
+            bf16=False,
+            seed=0,
+            checkpoint_every=100,
+            keep_checkpoints=3,
+            log_every=10,
+            **{
+                f.name: f.default
+                for f in LossConfig.__dataclass_fields__.values()
+                if f.name != "banks_per_class"
+            },
+        )
+    )
+
+
+def reference_code_overrides() -> dict[str, Any]:
+    """The reference code's loss variant (notes 4.4-4.7) as config overrides."""
+    return dict(
+        lambda_clc=1.0,
+        w_la=1.0,
+        w_ga=0.1,
+        w_ifc=0.9,
+        w_lc=1.0,
+        w_gc=0.4,
+        scale_by_2t=True,
+        capped_distance=True,
+        ifc_warmup_steps=60,
+        ifc_min_bank_fill=59_900 / 60_000,
+        local_bank_size=60_000,
+        global_bank_size=100,
+        global_method="masked_mean",
+        accum_steps=16,
+        warmup_steps=20,
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs. `step` counts consumed batches; (epoch, batch_index) is
+    the data position: the next batch is batch `batch_index` of `batches_fn(epoch)`."""
+
+    params: Any
+    opt_state: Any
+    banks: dict[str, Bank]
+    rng: jax.Array
+    step: jax.Array
+    epoch: jax.Array
+    batch_index: jax.Array
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> LSFAModel:
+    """The LSFAModel described by `cfg` (bf16 compute when cfg.bf16)."""
+    return LSFAModel(
+        rgb_dim=cfg.rgb_dim,
+        xyz_dim=cfg.xyz_dim,
+        proj_dim=cfg.proj_dim,
+        structure=cfg.structure,
+        rgb_heads=cfg.rgb_heads,
+        xyz_heads=cfg.xyz_heads,
+        dtype=jnp.bfloat16 if cfg.bf16 else None,
+    )
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine decay over the updates of `total_steps` batches, wrapped in
+    optax.MultiSteps (gradients averaged over accum_steps batches per update)."""
+    updates = max(1, total_steps // cfg.accum_steps)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=min(cfg.warmup_steps, updates),
+        decay_steps=max(updates, cfg.warmup_steps + 1),
+        end_value=0.0,
+    )
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.MultiSteps(tx, every_k_schedule=cfg.accum_steps)
+
+
+def init_banks(cfg: ml_collections.ConfigDict, num_classes: int) -> dict[str, Bank]:
+    """Empty local and global banks for both modalities."""
+    K = num_classes if cfg.banks_per_class else 1
+    dtype = jnp.dtype(cfg.bank_dtype)
+    dims = dict(rgb=cfg.rgb_dim, xyz=cfg.xyz_dim)
+    sizes = dict(local=cfg.local_bank_size, global_=cfg.global_bank_size)
+    return {
+        name: init_bank(K, sizes["local" if "local" in name else "global_"], dims[name[:3]], dtype)
+        for name in BANK_NAMES
+    }
+
+
+def init_train_state(
+    cfg: ml_collections.ConfigDict, num_classes: int, total_steps: int
+) -> TrainState:
+    """Fresh parameters (PyTorch-default init from cfg.seed), optimizer state and empty banks."""
+    root = jax.random.PRNGKey(cfg.seed)
+    params = init_lsfa_params(build_model(cfg), jax.random.fold_in(root, 0), cfg.num_patches)
+    return TrainState(
+        params=params,
+        opt_state=make_optimizer(cfg, total_steps).init(params),
+        banks=init_banks(cfg, num_classes),
+        rng=jax.random.fold_in(root, 1),
+        # Distinct buffers: the jitted step donates its input state.
+        step=jnp.zeros((), jnp.int32),
+        epoch=jnp.zeros((), jnp.int32),
+        batch_index=jnp.zeros((), jnp.int32),
+    )
+
+
+def push_banks(banks: Mapping[str, Bank], push: Mapping[str, jax.Array]) -> dict[str, Bank]:
+    """Eq. 7 after the loss: local banks get the masked patches, global banks one row per sample."""
+    ids = push["bank_ids"]
+    out = {}
+    for mod in ("rgb", "xyz"):
+        f = push[f"{mod}_local"]
+        B, P, C = f.shape
+        out[f"{mod}_local"] = bank_push(
+            banks[f"{mod}_local"],
+            f.reshape(B * P, C),
+            push[f"{mod}_mask"].reshape(B * P),
+            jnp.repeat(ids, P),
+        )
+        out[f"{mod}_global"] = bank_push(
+            banks[f"{mod}_global"], push[f"{mod}_global"], push["global_mask"], ids
+        )
+    return out
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D 'data' mesh over `devices` (default: all local devices)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
+
+
+def make_train_step(
+    model: LSFAModel, cfg: ml_collections.ConfigDict, mesh: Mesh, total_steps: int
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted (state, batch) -> (state, loss terms), data-parallel over `mesh`'s 'data' axis.
+
+    The batch is split over devices, state (params, optimizer, banks) is replicated. The loss is
+    a mean over the global batch, so the partitioner inserts the gradient all-reduce, and the
+    banks are updated from the features of the whole global batch, identically everywhere.
+    """
+    tx = make_optimizer(cfg, total_steps)
+    loss_cfg = LossConfig.from_config(cfg)
+    use_cls = bool(cfg.prepend_cls)
+
+    def train_step(state: TrainState, batch: Batch):
+        batch = dict(batch)
+        if not use_cls:
+            batch["rgb_cls"] = None
+        key = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(lsfa_loss, has_aux=True)
+        (_, aux), grads = grad_fn(
+            state.params, model, batch, state.banks, state.step, key, loss_cfg
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        banks = push_banks(state.banks, aux["push"])
+        new = state.replace(params=params, opt_state=opt_state, banks=banks, step=state.step + 1)
+        return new, aux["terms"]
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, split),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def check_batch(batch: Batch, cfg: ml_collections.ConfigDict, num_devices: int) -> dict:
+    """The batch as a dict of arrays, after checking keys, shapes and divisibility."""
+    missing = [k for k in ("rgb", "xyz", "fg", "class_id") if k not in batch]
+    if missing:
+        raise KeyError(f"train.py: batch lacks {missing}; has {sorted(batch)}")
+    B, P, Ci = np.shape(batch["rgb"])
+    expected = dict(xyz=(B, P, cfg.xyz_dim), fg=(B, P), class_id=(B,))
+    bad = {k: np.shape(batch[k]) for k, s in expected.items() if np.shape(batch[k]) != s}
+    if Ci != cfg.rgb_dim or bad:
+        raise ValueError(f"train.py: batch shapes rgb={(B, P, Ci)} {bad}; expected {expected}")
+    if cfg.batch_size != B or B % num_devices:
+        raise ValueError(
+            f"train.py: batch size {B} must equal cfg.batch_size={cfg.batch_size} and be "
+            f"divisible by the {num_devices} devices"
+        )
+    out = {k: batch[k] for k in ("rgb", "xyz", "fg", "class_id")}
+    out["rgb_cls"] = batch.get("rgb_cls")
+    return out
+
+
+class _EventWriter:
+    """Scalars to TensorBoard event files through TF's core summary ops (tf.summary.scalar
+    itself needs the tensorboard package, which is not a dependency; TF is imported lazily)."""
+
+    def __init__(self, logdir: Path):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(logdir))
+        self._metadata = tf.compat.v1.SummaryMetadata()
+        self._metadata.plugin_data.plugin_name = "scalars"
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        tf = self._tf
+        with self._writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.write(name, tf.constant(value, tf.float32), metadata=self._metadata)
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _count_batches(batches_fn: Callable[[int], Iterable[Batch]]) -> int:
+    batches = batches_fn(0)
+    return len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
+
+
+def train_adaptors(
+    cfg: ml_collections.ConfigDict,
+    batches_fn: Callable[[int], Iterable[Batch]],
+    workdir: str | os.PathLike,
+    *,
+    num_classes: int,
+    resume: bool = True,
+    steps_per_epoch: int | None = None,
+    mesh: Mesh | None = None,
+) -> TrainState:
+    """Trains the adaptors and heads; checkpoints to `<workdir>/checkpoints`, TensorBoard events
+    to `<workdir>/tensorboard`, the config to `<workdir>/adaptation_config.json`.
+
+    With `resume` the latest checkpoint (params, optimizer, banks, rng, step, data position) is
+    restored, and the run ends with the same parameters as an uninterrupted one.
+    `steps_per_epoch` is only needed when cfg.num_steps is 0; when omitted it is counted by
+    iterating `batches_fn(0)` once.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or make_mesh()
+    if cfg.num_steps > 0:
+        total = int(cfg.num_steps)
+    else:
+        total = int(cfg.num_epochs) * (steps_per_epoch or _count_batches(batches_fn))
+    if total < 1:
+        raise ValueError("train.py: nothing to train (num_steps/num_epochs/batches give 0 steps)")
+    _atomic_write_text(workdir / "adaptation_config.json", cfg.to_json(indent=2))
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(init_train_state(cfg, num_classes, total), replicated)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    if resume and checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+        logging.info("Resumed adaptation from step %d", int(state.step))
+    train_step = make_train_step(build_model(cfg), cfg, mesh, total)
+    writer = _EventWriter(workdir / "tensorboard")
+
+    step, epoch, index = int(state.step), int(state.epoch), int(state.batch_index)
+    bar = tqdm(total=total, initial=step, desc="lsfa adaptation", dynamic_ncols=True)
+    try:
+        while step < total:
+            consumed = 0
+            for batch in itertools.islice(batches_fn(epoch), index, None):
+                state, terms = train_step(state, check_batch(batch, cfg, mesh.size))
+                step, index, consumed = step + 1, index + 1, consumed + 1
+                state = state.replace(batch_index=jnp.int32(index), epoch=jnp.int32(epoch))
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    values = {k: float(v) for k, v in terms.items()}
+                    writer.scalars({f"adaptation/{k}": v for k, v in values.items()}, step)
+                    bar.set_postfix(loss=f"{values['total']:.4f}")
+                    logging.info(
+                        "step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items())
+                    )
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    checkpointer.save(step, state)
+                if step >= total:
+                    break
+            else:
+                if consumed == 0 and index == 0:
+                    raise ValueError(f"train.py: batches_fn({epoch}) yielded no batches")
+                epoch, index = epoch + 1, 0
+                state = state.replace(batch_index=jnp.int32(0), epoch=jnp.int32(epoch))
+        checkpointer.save(step, state)
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return state
+
+
+def select_few_shot(
+    indices_by_class: Mapping[Any, Sequence[int]], shots: int, seed: int
+) -> dict[Any, list[int]]:
+    """`shots` training indices per class drawn without replacement (paper 4.4), sorted.
+
+    Class `name` uses numpy's Generator seeded with (seed, crc32(str(name))), so a class's draw
+    does not depend on which other classes are present.
+    """
+    out = {}
+    for name in sorted(indices_by_class, key=str):
+        pool = np.asarray(indices_by_class[name])
+        if len(pool) < shots:
+            raise ValueError(f"train.py: class {name!r} has {len(pool)} samples < {shots} shots")
+        rng = np.random.default_rng((seed, zlib.crc32(str(name).encode())))
+        out[name] = sorted(int(x) for x in rng.choice(pool, size=shots, replace=False))
+    return out

@@ -1,0 +1,245 @@
+"""LSFA adaptors Psi_I / Psi_P and projection heads H_I / H_P (paper 3.1-3.2, notes 4.2).
+
+The default adaptor is one pre-norm transformer encoder block (x <- x + Attn(LN1(x)),
+x <- x + MLP(LN2(x))): fused qkv without bias, output projection with bias, exact-erf GELU,
+LayerNorm eps 1e-5, no final LayerNorm. Parameter names mirror the reference state dict
+(`rgb_mlp`, `xyz_mlp`, `rgb_head`, `xyz_head`; inside a block `norm1`, `attn/qkv`, `attn/proj`,
+`norm2`, `mlp/fc1`, `mlp/fc2`). Every Dense uses PyTorch's default nn.Linear initialisation,
+U(+-1/sqrt(fan_in)) for kernel and bias, so a fresh adaptor is distributed like the reference's
+(not an identity map).
+
+Structures (paper Table 7): `encoder1` (default), `encoder2` (two blocks), `linear` (one Dense
+per token) and `conv1x1` (a 1x1 convolution over the square patch grid; the same function class
+as `linear`, kept as a separate structure so the ablation names map one to one).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
+
+
+def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear/Conv weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dense(features: int, fan_in: int, name: str, use_bias: bool = True, dtype=None) -> nn.Dense:
+    init = torch_uniform_init(fan_in)
+    return nn.Dense(
+        features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name, dtype=dtype
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv Dense; (B, N, C) -> (B, N, C)."""
+
+    dim: int
+    num_heads: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, N, C = x.shape
+        if C % self.num_heads:
+            raise ValueError(f"adaptors.py: dim {C} is not divisible by {self.num_heads} heads")
+        head_dim = C // self.num_heads
+        qkv = _dense(3 * C, C, "qkv", use_bias=False, dtype=self.dtype)(x)
+        # Output channel s*C + h*hd + d, as the reference's reshape to (B, N, 3, H, hd).
+        q, k, v = jnp.moveaxis(qkv.reshape(B, N, 3, self.num_heads, head_dim), 2, 0)
+        q = q * head_dim**-0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, N, C)
+        return _dense(C, C, "proj", dtype=self.dtype)(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2; (B, N, C) -> (B, N, C)."""
+
+    dim: int
+    hidden: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _dense(self.hidden, self.dim, "fc1", dtype=self.dtype)(x)
+        h = jax.nn.gelu(h, approximate=False)
+        return _dense(self.dim, self.hidden, "fc2", dtype=self.dtype)(h)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block (notes 4.2); (B, N, C) -> (B, N, C)."""
+
+    dim: int
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
+        x = x + Attention(self.dim, self.num_heads, self.dtype, name="attn")(norm(name="norm1")(x))
+        hidden = int(self.dim * self.mlp_ratio)
+        return x + Mlp(self.dim, hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
+
+
+class Adaptor(nn.Module):
+    """Psi_I or Psi_P: (B, N, dim) -> (B, N, dim); see the module docstring for `structure`."""
+
+    dim: int
+    structure: str = "encoder1"
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"adaptors.py: expected features of dim {self.dim}, got {x.shape}")
+        if self.structure in ("encoder1", "encoder2"):
+            block = functools.partial(
+                EncoderBlock, self.dim, self.num_heads, self.mlp_ratio, self.ln_eps, self.dtype
+            )
+            for i in range(1 if self.structure == "encoder1" else 2):
+                x = block(name=f"blocks_{i}")(x)
+            return x
+        if self.structure == "linear":
+            return _dense(self.dim, self.dim, "linear", dtype=self.dtype)(x)
+        if self.structure == "conv1x1":
+            B, N, C = x.shape
+            side = math.isqrt(N)
+            if side * side != N:
+                raise ValueError(f"adaptors.py: conv1x1 needs a square patch grid, got N={N}")
+            init = torch_uniform_init(C)
+            conv = nn.Conv(
+                C, (1, 1), kernel_init=init, bias_init=init, name="conv", dtype=self.dtype
+            )
+            return conv(x.reshape(B, side, side, C)).reshape(B, N, C)
+        raise ValueError(f"adaptors.py: unknown structure {self.structure!r}; use {STRUCTURES}")
+
+
+class LSFAModel(nn.Module):
+    """Adaptors Psi_I (`rgb_mlp`), Psi_P (`xyz_mlp`) and heads H_I (`rgb_head`), H_P (`xyz_head`).
+
+    `__call__(rgb (B,P,rgb_dim), xyz (B,P,xyz_dim), rgb_cls (B,rgb_dim) | None)` returns the
+    adapted local features (F_I (B,P,rgb_dim), F_P (B,P,xyz_dim)). With `rgb_cls` the CLS token is
+    prepended before the RGB adaptor and dropped after it (the reference's training input).
+    `project_rgb` / `project_xyz` map (..., dim) -> (..., proj_dim).
+    """
+
+    rgb_dim: int = 768
+    xyz_dim: int = 1152
+    proj_dim: int = 512
+    structure: str = "encoder1"
+    rgb_heads: int = 12
+    xyz_heads: int = 12
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-5
+    dtype: Any = None
+
+    def setup(self) -> None:
+        adaptor = functools.partial(
+            Adaptor,
+            structure=self.structure,
+            mlp_ratio=self.mlp_ratio,
+            ln_eps=self.ln_eps,
+            dtype=self.dtype,
+        )
+        self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
+        self.xyz_mlp = adaptor(self.xyz_dim, num_heads=self.xyz_heads)
+        self.rgb_head = _dense(self.proj_dim, self.rgb_dim, "rgb_head", dtype=self.dtype)
+        self.xyz_head = _dense(self.proj_dim, self.xyz_dim, "xyz_head", dtype=self.dtype)
+
+    def adapt_rgb(self, rgb: jax.Array, rgb_cls: jax.Array | None = None) -> jax.Array:
+        """(B, P, rgb_dim) [+ CLS (B, rgb_dim)] -> F_I (B, P, rgb_dim)."""
+        if rgb_cls is None:
+            return self.rgb_mlp(rgb)
+        tokens = jnp.concatenate([rgb_cls[:, None, :].astype(rgb.dtype), rgb], axis=1)
+        return self.rgb_mlp(tokens)[:, 1:]
+
+    def adapt_xyz(self, xyz: jax.Array) -> jax.Array:
+        """(B, P, xyz_dim) -> F_P (B, P, xyz_dim)."""
+        return self.xyz_mlp(xyz)
+
+    def project_rgb(self, f: jax.Array) -> jax.Array:
+        """H_I: (..., rgb_dim) -> (..., proj_dim)."""
+        return self.rgb_head(f)
+
+    def project_xyz(self, f: jax.Array) -> jax.Array:
+        """H_P: (..., xyz_dim) -> (..., proj_dim)."""
+        return self.xyz_head(f)
+
+    def __call__(
+        self, rgb: jax.Array, xyz: jax.Array, rgb_cls: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        f_img = self.adapt_rgb(rgb, rgb_cls)
+        f_pt = self.adapt_xyz(xyz)
+        if self.is_initializing():
+            # Create the heads' parameters too, so `init` returns the full tree.
+            self.project_rgb(f_img[:, :1])
+            self.project_xyz(f_pt[:, :1])
+        return f_img, f_pt
+
+
+def init_lsfa_params(model: LSFAModel, key: jax.Array, num_patches: int = 4) -> dict:
+    """Parameters of `model` (all four modules) from `key`; P only matters for `conv1x1`."""
+    side = math.isqrt(num_patches)
+    if model.structure == "conv1x1" and side * side != num_patches:
+        raise ValueError(f"adaptors.py: conv1x1 needs a square num_patches, got {num_patches}")
+    rgb = jnp.zeros((1, num_patches, model.rgb_dim), jnp.float32)
+    xyz = jnp.zeros((1, num_patches, model.xyz_dim), jnp.float32)
+    return model.init(key, rgb, xyz)["params"]
+
+
+def model_from_params(
+    params: dict, structure: str = "encoder1", rgb_heads: int = 12, xyz_heads: int = 12
+) -> LSFAModel:
+    """An LSFAModel whose dims (rgb, xyz, proj) are read from the heads' kernels in `params`."""
+    rgb_dim, proj_dim = params["rgb_head"]["kernel"].shape
+    xyz_dim = params["xyz_head"]["kernel"].shape[0]
+    return LSFAModel(
+        rgb_dim=int(rgb_dim),
+        xyz_dim=int(xyz_dim),
+        proj_dim=int(proj_dim),
+        structure=structure,
+        rgb_heads=rgb_heads,
+        xyz_heads=xyz_heads,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "rgb_heads", "xyz_heads", "prepend_cls"))
+def apply_adaptors(
+    params: dict,
+    rgb: jax.Array,
+    xyz: jax.Array,
+    rgb_cls: jax.Array | None = None,
+    *,
+    structure: str = "encoder1",
+    rgb_heads: int = 12,
+    xyz_heads: int = 12,
+    prepend_cls: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Inference: (rgb (B,P,Ci), xyz (B,P,Cp)) -> adapted local features of the same shapes.
+
+    Only the local adapted features go to PatchCore (paper 3.4). The reference applies the RGB
+    adaptor without CLS at inference (notes 9.2-6); `prepend_cls=True` uses `rgb_cls` (B, Ci).
+    """
+    if prepend_cls and rgb_cls is None:
+        raise ValueError("adaptors.py: prepend_cls=True needs rgb_cls (B, C)")
+    model = model_from_params(params, structure, rgb_heads, xyz_heads)
+    return model.apply({"params": params}, rgb, xyz, rgb_cls if prepend_cls else None)
