@@ -1,0 +1,142 @@
+"""Frozen backbones for a run: loading (strict, random only when allowed) and batch features.
+
+`load_backbones` returns the RGB (DINO ViT) and point (Point-MAE) parameters named by the config;
+`extract_batch` maps one pipeline batch to patch features on the 56x56 grid:
+
+  rgb      (B, P, D_rgb)  last-layer DINO tokens, 2x replicated     (P = 3136 at 224)
+  rgb_cls  (B, D_rgb)     the CLS token (used only by the adaptor during training, optional)
+  xyz      (B, P, D_xyz)  Point-MAE blocks 3/7/11, interpolated and pooled
+  fg       (B, P) bool    patches with at least one valid point
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.models import point_mae, vit
+
+
+class WeightsError(ValueError):
+    """Backbone weights are missing and random initialisation was not allowed."""
+
+
+@dataclasses.dataclass
+class Backbones:
+    """Frozen backbone variables and where they came from."""
+
+    rgb_params: Any
+    rgb_cfg: vit.ViTConfig
+    point_variables: Any
+    point_cfg: ml_collections.ConfigDict
+    weight_files: dict[str, str]  # modality -> file, or "random-init (seed N)"
+    random_init: dict[str, bool]
+
+    def fingerprint(self) -> str:
+        """Identifies the features these backbones produce (sizes and weight files)."""
+        payload = {
+            "rgb_cfg": dataclasses.asdict(self.rgb_cfg),
+            "point_cfg": self.point_cfg.to_dict(),
+            "weights": {k: _file_identity(v) for k, v in self.weight_files.items()},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str) -> str:
+    """Path plus size and mtime: cheap, and changes whenever the file is replaced."""
+    file = Path(path)
+    if not file.exists():
+        return path
+    if file.is_dir():
+        stats = [(p.name, p.stat().st_size) for p in sorted(file.rglob("*")) if p.is_file()]
+        return f"{file.resolve()}:{stats}"
+    stat = file.stat()
+    return f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _random_warning(modality: str) -> None:
+    logging.warning(
+        "=" * 70 + "\n%s backbone: RANDOM INITIALISATION (config.allow_random_init=True).\n"
+        "Features are NOT pretrained; results say nothing about the paper's method.\n" + "=" * 70,
+        modality,
+    )
+
+
+def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
+    """Loads both backbones from `config.rgb_weights` / `config.point_weights`.
+
+    A missing weights path is an error unless `config.allow_random_init` is True, in which case
+    the backbone is randomly initialised from `config.seed` with a loud warning, and the run's
+    results record it.
+    """
+    image_size = config.data.image_size
+    rgb_cfg = vit.vit_config({**config.rgb_backbone.to_dict(), "img_size": image_size})
+    point_cfg = config.point_backbone
+    key_rgb, key_point = jax.random.split(jax.random.PRNGKey(config.seed))
+    weight_files: dict[str, str] = {}
+    random_init: dict[str, bool] = {}
+
+    for modality, path in (("rgb", config.rgb_weights), ("point", config.point_weights)):
+        if path:
+            if not Path(path).exists():
+                raise WeightsError(f"config.{modality}_weights={path}: file not found")
+            weight_files[modality] = str(path)
+            random_init[modality] = False
+        elif config.allow_random_init:
+            _random_warning(modality.upper())
+            weight_files[modality] = f"random-init (seed {config.seed})"
+            random_init[modality] = True
+        else:
+            raise WeightsError(
+                f"config.{modality}_weights is not set. Give the pretrained checkpoint "
+                f"(--config.{modality}_weights=/path/to/file), or set "
+                "--config.allow_random_init=True to run with random weights (not the paper)."
+            )
+
+    if random_init["rgb"]:
+        rgb_params = vit.init_random_vit_params(key_rgb, rgb_cfg)
+    else:
+        logging.info("Loading RGB backbone from %s", weight_files["rgb"])
+        rgb_params = vit.load_vit_params(weight_files["rgb"], rgb_cfg)
+    if random_init["point"]:
+        point_variables = point_mae.init_random_point_mae_variables(key_point, point_cfg)
+    else:
+        logging.info("Loading point backbone from %s", weight_files["point"])
+        point_variables = point_mae.load_point_mae_variables(weight_files["point"], point_cfg)
+    return Backbones(rgb_params, rgb_cfg, point_variables, point_cfg, weight_files, random_init)
+
+
+def extract_batch(
+    backbones: Backbones, batch: dict[str, np.ndarray], *, grid_size: int = 56
+) -> dict[str, np.ndarray]:
+    """One pipeline batch -> patch features (module docstring) as host numpy arrays."""
+    rgb, rgb_cls = vit.dino_patch_grid(
+        backbones.rgb_params,
+        jnp.asarray(batch["rgb"]),
+        model_cfg=backbones.rgb_cfg,
+        return_cls=True,
+    )
+    names = [str(n) for n in batch["file_id"]]
+    xyz, fg = point_mae_patch_grid_batch(
+        backbones.point_variables,
+        batch["xyz"],
+        backbones.point_cfg,
+        grid_size=grid_size,
+        name=f"clouds {names[0]}..{names[-1]}",
+    )
+    return {
+        "rgb": np.asarray(rgb),
+        "rgb_cls": np.asarray(rgb_cls),
+        "xyz": np.asarray(xyz),
+        "fg": np.asarray(fg),
+    }

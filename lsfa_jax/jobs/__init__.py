@@ -1,0 +1,37 @@
+"""The steps `main.py` dispatches to, chosen by `config.mode` and `config.method`."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from lsfa_jax.jobs.common import ConfigError, prepare_workdir
+
+MODES = ("prepare", "train_eval", "eval", "predict", "convert")
+METHODS = ("lsfa", "raw", "fpfh")
+
+
+def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Runs `config.mode` for `config.method`, writing everything below `workdir`."""
+    if config.mode not in MODES:
+        raise ConfigError(f"config.mode={config.mode!r}: expected one of {MODES}")
+    if config.method not in METHODS:
+        raise ConfigError(f"config.method={config.method!r}: expected one of {METHODS}")
+    path = prepare_workdir(workdir)
+    if config.mode == "prepare":
+        from lsfa_jax.jobs.prepare import run_prepare
+
+        run_prepare(config, path)
+    elif config.mode in ("train_eval", "eval"):
+        from lsfa_jax.jobs.evaluate import run_evaluation
+
+        run_evaluation(config, path)
+    elif config.mode == "predict":
+        from lsfa_jax.jobs.predict import run_predict
+
+        run_predict(config, path)
+    else:
+        from lsfa_jax.jobs.convert import run_convert
+
+        run_convert(config, path)

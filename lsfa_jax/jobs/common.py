@@ -1,0 +1,64 @@
+"""What every job needs: the class list, the work folders, logging to a file, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from lsfa_jax.data import prepare
+
+
+class ConfigError(ValueError):
+    """The config asks for something that cannot be done; the message says what to change."""
+
+
+def selected_classes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`config.data.classes` ("all" or comma-separated names) checked against the dataset."""
+    try:
+        return prepare.resolve_classes(config.data)
+    except ValueError as error:
+        raise ConfigError(f"config.data.classes: {error}") from error
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates the workdir, checks it is writable, and adds a log file there."""
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"workdir {path}: not writable ({error.strerror or error})") from error
+    handler = std_logging.FileHandler(path / "run.log")
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.get_absl_logger().addHandler(handler)
+    return path
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Where prepared data and cached features live (shared between runs when set explicitly)."""
+    return Path(config.cache_dir) if config.cache_dir else workdir / "cache"
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """Writes JSON through a temporary file in the same folder, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,370 @@
+"""train_eval / eval: features -> (adaptors) -> PatchCore banks -> scores -> fusion -> reports.
+
+Per class and modality a PatchCore memory bank is built from the training patches (adapted by
+the LSFA adaptors for method=lsfa, raw for method=raw, FPFH for method=fpfh); validation and test
+samples are scored against it. Settings: "RGB" and "3D" use one modality; "RGB+3D" averages the
+two modalities' scores after normalising each with statistics of the normal validation samples
+(paper 3.4; `config.fusion`). The reference's OCSVM fusion is `config.fusion.method=ocsvm`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from lsfa_jax import fusion, metrics
+from lsfa_jax.adaptation.checkpointing import load_adaptor_params
+from lsfa_jax.data import pipeline
+from lsfa_jax.features.cache import SplitFeatures
+from lsfa_jax.jobs.common import ConfigError, cache_dir, selected_classes, write_json_atomic
+from lsfa_jax.jobs.features import FeatureSource, feature_source
+from lsfa_jax.jobs.model_store import save_bank, save_model_info
+from lsfa_jax.jobs.prepare import prepared_dataset
+from lsfa_jax.jobs.train import train_lsfa
+from lsfa_jax.models.adaptors import apply_adaptors
+from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank
+from lsfa_jax.patchcore.coreset import coreset_size
+from lsfa_jax.patchcore.scorer import score_batch
+from lsfa_jax.reports import overlays, plots, tables
+from lsfa_jax.reports.manifest import RunManifest
+
+SETTING_OF_MODALITY = {"rgb": "RGB", "xyz": "3D"}
+FUSED = "RGB+3D"
+
+
+class Adaptors:
+    """Trained adaptor parameters and how to apply them (inference: local features only)."""
+
+    def __init__(self, params: dict, cfg: ml_collections.ConfigDict):
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.cfg = cfg
+
+    def apply(self, split: SplitFeatures, batch_size: int) -> dict[str, np.ndarray]:
+        """Adapted rgb and xyz features of a whole split, (N, P, C) float32 each."""
+        rgb, xyz = [], []
+        for start in range(0, len(split), batch_size):
+            stop = start + batch_size
+            out_rgb, out_xyz = apply_adaptors(
+                self.params,
+                jnp.asarray(split.arrays["rgb"][start:stop]),
+                jnp.asarray(split.arrays["xyz"][start:stop]),
+                jnp.asarray(split.arrays["rgb_cls"][start:stop]),
+                structure=self.cfg.structure,
+                rgb_heads=self.cfg.rgb_heads,
+                xyz_heads=self.cfg.xyz_heads,
+                prepend_cls=bool(self.cfg.prepend_cls),
+            )
+            rgb.append(np.asarray(out_rgb))
+            xyz.append(np.asarray(out_xyz))
+        return {"rgb": np.concatenate(rgb), "xyz": np.concatenate(xyz)}
+
+
+def split_arrays(
+    split: SplitFeatures, modalities: tuple[str, ...], adaptors: Adaptors | None, batch: int
+) -> dict[str, np.ndarray]:
+    if adaptors is None:
+        return {m: split.arrays[m] for m in modalities}
+    return adaptors.apply(split, batch)
+
+
+def score_split(
+    bank: MemoryBank, features: np.ndarray, config: ml_collections.ConfigDict, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, P, C) features -> image scores (N,) and maps (N, S, S), in batches of fixed size.
+
+    The last batch is padded to the full batch size so the jitted scorer compiles once.
+    """
+    size = config.batch_size
+    scores, maps = [], []
+    for start in tqdm(range(0, len(features), size), desc=desc, unit="batch", leave=False):
+        chunk = np.asarray(features[start : start + size], np.float32)
+        real = len(chunk)
+        if real < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+        batch_scores, batch_maps = score_batch(
+            bank,
+            jnp.asarray(chunk),
+            out_size=config.data.image_size,
+            reweight=config.patchcore.reweight,
+            blur=config.patchcore.blur,
+            sigma=config.patchcore.blur_sigma,
+        )
+        scores.append(np.asarray(batch_scores)[:real])
+        maps.append(np.asarray(batch_maps)[:real])
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def test_images(prepared: dict[str, str], class_name: str, config) -> dict[str, np.ndarray]:
+    """Ground truth and RGB of the test split, in the same (sorted) order as the features."""
+    masks, rgb, ids = [], [], []
+    for batch in pipeline.make_batches(prepared, class_name, "test", config.batch_size):
+        masks.append(batch["mask"])
+        rgb.append(batch["rgb_uint8"])
+        ids += [str(v) for v in batch["file_id"]]
+    return {"mask": np.concatenate(masks), "rgb": np.concatenate(rgb), "file_id": ids}
+
+
+def fuse(
+    config: ml_collections.ConfigDict,
+    val: dict[str, tuple[np.ndarray, np.ndarray]],
+    test: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """RGB+3D scores and maps of the test split, plus the fused validation scores.
+
+    zscore / minmax: each modality normalised with statistics of normal validation samples,
+    then averaged (paper 3.4). ocsvm: the reference's SGDOneClassSVM on [xyz, 0.1 * rgb],
+    fitted on the validation samples.
+    """
+    method = config.fusion.method
+    if method == "ocsvm":
+        image_fuser = fusion.fit_ocsvm_fuser(fusion.fusion_vectors(val["xyz"][0], val["rgb"][0]))
+        pixel_fuser = fusion.fit_ocsvm_fuser(fusion.fusion_vectors(val["xyz"][1], val["rgb"][1]))
+        scores = fusion.ocsvm_fuse(image_fuser, test["xyz"][0], test["rgb"][0])
+        maps = fusion.ocsvm_fuse(pixel_fuser, test["xyz"][1], test["rgb"][1])
+        val_scores = fusion.ocsvm_fuse(image_fuser, val["xyz"][0], val["rgb"][0])
+        info = {
+            "method": "ocsvm",
+            "image_coef": image_fuser.coef_.tolist(),
+            "pixel_coef": pixel_fuser.coef_.tolist(),
+        }
+        return scores, maps, val_scores, info
+    score_norm = fusion.fit_normaliser({m: v[0] for m, v in val.items()}, method)
+    map_norm = fusion.fit_map_normaliser({m: v[1] for m, v in val.items()}, method)
+    scores = fusion.fuse_scores({m: v[0] for m, v in test.items()}, score_norm)
+    maps = fusion.fuse_maps({m: v[1] for m, v in test.items()}, map_norm)
+    val_scores = fusion.fuse_scores({m: v[0] for m, v in val.items()}, score_norm)
+    info = {
+        "method": method,
+        "image": {m: vars(n) for m, n in score_norm.items()},
+        "pixel": {m: vars(n) for m, n in map_norm.items()},
+    }
+    return scores, maps, val_scores, info
+
+
+def load_or_train_adaptors(
+    config: ml_collections.ConfigDict,
+    source: FeatureSource,
+    classes: tuple[str, ...],
+    workdir: Path,
+    manifest: RunManifest,
+) -> tuple[Adaptors, str]:
+    if config.mode == "eval":
+        if not config.checkpoint:
+            raise ConfigError("mode=eval with method=lsfa needs --config.checkpoint=<folder>")
+        logging.info("Loading adaptors from %s", config.checkpoint)
+        params = load_adaptor_params(config.checkpoint)
+        return Adaptors(params, config.adaptation), str(config.checkpoint)
+    train = [source.split(c, "train") for c in classes]
+    with manifest.stage("adaptation"):
+        params, cfg = train_lsfa(config, train, workdir)
+    return Adaptors(params, cfg), str(workdir / "adaptation" / "checkpoints")
+
+
+def bank_padded_size(source: FeatureSource, classes, ratio: float) -> int:
+    """One padded bank size for every class, so the scorer compiles once per modality."""
+    rows = [len(source.split(c, "train")) * source.config.grid_size**2 for c in classes]
+    return -(-coreset_size(max(rows), ratio) // 4096) * 4096
+
+
+def evaluate_one_class(
+    config: ml_collections.ConfigDict,
+    class_index: int,
+    class_name: str,
+    source: FeatureSource,
+    adaptors: Adaptors | None,
+    padded: dict[str, int],
+    out: Path,
+) -> dict:
+    """Banks, scores, fusion, metrics, thresholds and images of one class."""
+    splits = {s: source.split(class_name, s) for s in ("train", "validation", "test")}
+    if len(splits["validation"]) < 2:
+        raise ConfigError(
+            f"{class_name}: the validation split has {len(splits['validation'])} samples; "
+            "score normalisation and thresholds need at least 2 normal validation samples"
+        )
+    arrays = {
+        s: split_arrays(f, source.modalities, adaptors, config.batch_size)
+        for s, f in splits.items()
+    }
+    images = test_images(source.prepared, class_name, config)
+    if images["file_id"] != splits["test"].file_id:
+        raise RuntimeError(f"{class_name}: test features and images are not in the same order")
+    labels = splits["test"].label
+    val_out, test_out = {}, {}
+    for modality in source.modalities:
+        library = np.asarray(arrays["train"][modality], np.float32)
+        library = library.reshape(-1, library.shape[-1])
+        ratio = (
+            config.patchcore.rgb_coreset_ratio
+            if modality == "rgb"
+            else config.patchcore.coreset_ratio
+        )
+        logging.info("%s/%s: coreset of %d library rows", class_name, modality, len(library))
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), class_index * 2 + len(val_out))
+        bank = build_memory_bank(
+            library,
+            ratio=ratio,
+            key=key,
+            eps=config.patchcore.projection_eps,
+            padded_size=padded[modality],
+            progress=True,
+        )
+        save_bank(out / "model" / class_name / f"{modality}.npz", bank)
+        val_out[modality] = score_split(
+            bank, arrays["validation"][modality], config, f"{class_name}/{modality} validation"
+        )
+        test_out[modality] = score_split(
+            bank, arrays["test"][modality], config, f"{class_name}/{modality} test"
+        )
+
+    settings = {SETTING_OF_MODALITY[m]: test_out[m] for m in source.modalities}
+    val_settings = {SETTING_OF_MODALITY[m]: val_out[m][0] for m in source.modalities}
+    fusion_info = {}
+    if len(source.modalities) == 2:
+        scores, maps, val_scores, fusion_info = fuse(config, val_out, test_out)
+        settings[FUSED] = (scores, maps)
+        val_settings[FUSED] = val_scores
+
+    result = {"metrics": {}, "notes": {}, "thresholds": {}, "curves": {}}
+    for setting, (scores, maps) in settings.items():
+        class_metrics = metrics.evaluate_class(labels, scores, images["mask"], maps)
+        result["metrics"][setting] = class_metrics.values()
+        result["notes"][setting] = list(class_metrics.notes)
+        threshold = fusion.calibrate_threshold(
+            val_settings[setting], quantile=config.fusion.threshold_quantile
+        )
+        stats = fusion.precision_recall_at(threshold, labels, scores)
+        result["thresholds"][setting] = {
+            "threshold": float(threshold),
+            "precision": float(stats.precision),
+            "recall": float(stats.recall),
+        }
+        if len(set(labels.tolist())) == 2:
+            fpr, tpr, _ = metrics.roc_curve_points(labels, scores)
+            pro_fpr, pro, _ = metrics.pro_curve_points(images["mask"], maps)
+            result["curves"][setting] = ((fpr, tpr), (pro_fpr, pro))
+    write_json_atomic(
+        out / "model" / class_name / "fusion.json",
+        {"fusion": fusion_info, "thresholds": result["thresholds"]},
+    )
+    main_setting = FUSED if FUSED in settings else "3D"
+    write_json_atomic(
+        out / "scores" / f"{class_name}.json",
+        {
+            "file_id": images["file_id"],
+            "label": labels.tolist(),
+            "defect_type": splits["test"].defect_type,
+            **{s: v[0].tolist() for s, v in settings.items()},
+        },
+    )
+    if config.report.num_overlays > 0:
+        overlays.save_class_overlays(
+            out / "images" / class_name,
+            class_name,
+            images["rgb"],
+            images["mask"],
+            settings[main_setting][1],
+            labels,
+            settings[main_setting][0],
+            k=config.report.num_overlays,
+            sample_names=[i.replace("/", "_") for i in images["file_id"]],
+        )
+    if config.report.plots and result["curves"]:
+        plots.plot_roc(
+            out / "plots" / f"{class_name}_roc.png",
+            {s: c[0] for s, c in result["curves"].items()},
+            title=f"{class_name}: ROC",
+            aucs={s: result["metrics"][s]["i_auroc"] for s in result["curves"]},
+        )
+        plots.plot_pro(
+            out / "plots" / f"{class_name}_pro.png",
+            {s: c[1] for s, c in result["curves"].items()},
+            title=f"{class_name}: PRO",
+            aupros={s: result["metrics"][s]["aupro_30"] for s in result["curves"]},
+        )
+    return result
+
+
+def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """The whole protocol for the configured classes; returns {setting: {class: metrics}}."""
+    started = time.time()
+    manifest = RunManifest(config.to_dict())
+    manifest.set_seed("seed", config.seed)
+    classes = selected_classes(config)
+    with manifest.stage("prepare"):
+        prepared = prepared_dataset(config, workdir)
+    source = feature_source(config, prepared, cache_dir(config, workdir))
+    if source.backbones is not None:
+        for modality, path in source.backbones.weight_files.items():
+            is_random = source.backbones.random_init[modality]
+            manifest.add_weights(modality, None if is_random else path, random_init=is_random)
+    with manifest.stage("features"):
+        for class_name in classes:
+            for split in ("train", "validation", "test"):
+                source.split(class_name, split)
+    adaptors, adaptor_path = None, ""
+    if config.method == "lsfa":
+        adaptors, adaptor_path = load_or_train_adaptors(
+            config, source, classes, workdir, manifest
+        )
+    padded = {
+        m: bank_padded_size(
+            source,
+            classes,
+            config.patchcore.rgb_coreset_ratio if m == "rgb" else config.patchcore.coreset_ratio,
+        )
+        for m in source.modalities
+    }
+
+    results: dict = {}
+    notes: dict = {}
+    thresholds: dict = {}
+    for index, class_name in enumerate(classes):
+        with manifest.stage(f"evaluate/{class_name}"):
+            result = evaluate_one_class(
+                config, index, class_name, source, adaptors, padded, workdir
+            )
+        for setting, values in result["metrics"].items():
+            results.setdefault(setting, {})[class_name] = values
+            notes.setdefault(setting, {})[class_name] = result["notes"][setting]
+            thresholds.setdefault(setting, {})[class_name] = result["thresholds"][setting]
+
+    save_model_info(
+        workdir / "model",
+        {
+            "method": config.method,
+            "modalities": list(source.modalities),
+            "classes": list(classes),
+            "feature_fingerprint": source.fingerprint(),
+            "adaptors": adaptor_path,
+            "config": config.to_dict(),
+        },
+    )
+    paper_method = config.method if config.data.name == "mvtec3d" else None
+    paths = tables.write_result_tables(
+        results,
+        workdir / "results",
+        notes=notes,
+        paper_method=paper_method,
+        dataset=config.data.name,
+    )
+    tables.write_threshold_table(thresholds, workdir / "results", dataset=config.data.name)
+    manifest.write(workdir / "results" / "manifest.json")
+    print(tables.format_console_table(results, notes=notes, dataset=config.data.name))
+    random_note = ""
+    if source.backbones is not None and any(source.backbones.random_init.values()):
+        random_note = " (RANDOMLY INITIALISED backbones: not the paper's features)"
+    print(
+        f"\nResults{random_note}: {paths['md']}\n"
+        f"Anomaly-map overlays: {workdir / 'images'}\nCurves: {workdir / 'plots'}\n"
+        f"Model for mode=predict: {workdir / 'model'}\n"
+        f"Total time: {time.time() - started:.0f} s"
+    )
+    return results
