@@ -5,7 +5,9 @@ Per sample, at full resolution:
      `border`-pixel frame of the image;
   2. zero xyz and black out rgb where |plane distance| < `remove_distance`;
   3. keep the largest DBSCAN cluster of the remaining points (noise, label -1, never wins) and
-     zero / black out every other valid point.
+     zero / black out every other valid point. When DBSCAN finds no cluster at all (points
+     sparser than the thresholds assume, e.g. low-resolution input), the step is left out and
+     reported (`num_clusters=0`) instead of wiping the cloud.
 Then resize (preprocess first, resize second, as the reference does offline before loading).
 
 Differences from the reference script: RANSAC is seeded, so runs are reproducible; the square
@@ -44,6 +46,7 @@ class PlaneRemovalInfo:
     plane: tuple[float, float, float, float] | None  # (a, b, c, d), unit normal
     num_border_points: int
     num_plane_removed: int  # valid points zeroed as plane
+    num_clusters: int  # DBSCAN clusters found (0: cluster step left out)
     num_cluster_removed: int  # valid points zeroed as outside the largest cluster
     num_kept: int
 
@@ -61,16 +64,20 @@ def border_mask(shape: tuple[int, int], border: int) -> np.ndarray:
     return mask
 
 
-def _largest_cluster(points: np.ndarray, params: PlaneRemovalParams) -> np.ndarray:
-    """(N, 3) -> (N,) bool membership of the largest DBSCAN cluster (all False if none)."""
+def _largest_cluster(points: np.ndarray, params: PlaneRemovalParams) -> tuple[np.ndarray, int]:
+    """(N, 3) -> ((N,) bool membership of the largest DBSCAN cluster, number of clusters).
+
+    With no cluster, every point is kept.
+    """
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
     labels = np.asarray(
         cloud.cluster_dbscan(eps=params.dbscan_eps, min_points=params.dbscan_min_points)
     )
     clustered = labels[labels >= 0]
     if clustered.size == 0:
-        return np.zeros(len(points), bool)
-    return labels == np.argmax(np.bincount(clustered))
+        return np.ones(len(points), bool), 0
+    counts = np.bincount(clustered)
+    return labels == np.argmax(counts), len(counts)
 
 
 def remove_support_plane(
@@ -100,6 +107,7 @@ def remove_support_plane(
             plane=None,
             num_border_points=len(border_points),
             num_plane_removed=0,
+            num_clusters=0,
             num_cluster_removed=0,
             num_kept=int(valid.sum()),
         )
@@ -120,9 +128,9 @@ def remove_support_plane(
     rgb[on_plane] = 0
 
     remaining = valid_points(xyz)
-    keep = np.zeros_like(remaining)
+    keep, num_clusters = np.zeros_like(remaining), 0
     if remaining.any():
-        keep[remaining] = _largest_cluster(xyz[remaining], params)
+        keep[remaining], num_clusters = _largest_cluster(xyz[remaining], params)
     outliers = remaining & ~keep
     xyz[outliers] = 0.0
     rgb[outliers] = 0
@@ -131,6 +139,7 @@ def remove_support_plane(
         plane=tuple(float(v) for v in plane),
         num_border_points=len(border_points),
         num_plane_removed=num_plane_removed,
+        num_clusters=num_clusters,
         num_cluster_removed=int(outliers.sum()),
         num_kept=int(keep.sum()),
     )

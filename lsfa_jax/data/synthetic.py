@@ -249,8 +249,10 @@ def render_sample(
                 lambda bx, by: np.maximum(shape_height(bx, by) + bump(bx, by), 0.0),
                 p["plane"],
             )
-            region = _in_region(x, y, centre, d, "dent") | _in_region(
-                dented[..., 0], dented[..., 1], centre, d, "dent"
+            # The bump acts only on the object: pixels whose ray meets it there, before or after.
+            dx_, dy_ = dented[..., 0], dented[..., 1]
+            region = (on_object & _in_region(x, y, centre, d, "dent")) | (
+                (shape_height(dx_, dy_) > 0.0) & _in_region(dx_, dy_, centre, d, "dent")
             )
             xyz = np.where(region[..., None], dented, clean)
             mask |= region
@@ -293,7 +295,10 @@ def _write_sample(args: tuple[SyntheticConfig, Path, tuple[str, str, str, int]])
     stem = f"{index:03d}"
     rgb_image = Image.fromarray(sample["rgb"], "RGB")
     _write_atomic(folder / "rgb" / f"{stem}.png", lambda p: rgb_image.save(p, format="PNG"))
-    _write_atomic(folder / "xyz" / f"{stem}.tiff", lambda p: tifffile.imwrite(p, sample["xyz"]))
+    _write_atomic(
+        folder / "xyz" / f"{stem}.tiff",
+        lambda p: tifffile.imwrite(p, sample["xyz"], photometric="rgb"),
+    )
     if split == "test":
         code = DEFECT_CODES.get(kind, 0)
         gt = Image.fromarray(np.where(sample["mask"], code, 0).astype(np.uint8), "L")

@@ -127,12 +127,15 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, samples: list[mvtec3d.SampleFiles], split: str):
         config = self.builder_config
         desc = f"{self.name}/{config.class_name}/{split}"
-        skipped, nonfinite = [], 0
+        skipped, unclustered, nonfinite = [], [], 0
         for key, prepared in enumerate(_prepared_samples(samples, config, desc)):
             files = prepared.files
             nonfinite += prepared.num_nonfinite
-            if prepared.plane_info is not None and prepared.plane_info.skipped:
+            info = prepared.plane_info
+            if info is not None and info.skipped:
                 skipped.append(files.file_id)
+            elif info is not None and info.num_clusters == 0:
+                unclustered.append(files.file_id)
             yield (
                 key,
                 {
@@ -152,6 +155,14 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 desc,
                 len(skipped),
                 skipped[:3],
+            )
+        if unclustered:
+            logging.warning(
+                "%s: DBSCAN found no cluster in %d samples (points sparser than dbscan_eps / "
+                "dbscan_min_points assume), outlier removal left out, e.g. %s",
+                desc,
+                len(unclustered),
+                unclustered[:3],
             )
         if nonfinite:
             logging.warning("%s: %d NaN/inf points set to missing", desc, nonfinite)
