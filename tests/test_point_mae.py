@@ -191,9 +191,11 @@ def knn_numpy(points: np.ndarray, mask: np.ndarray, centres: np.ndarray, k: int)
 
 def torch_point_grid(
     model: TorchPointMAE, organized: np.ndarray, num_group: int, group_size: int, grid: int
-) -> tuple[torch.Tensor, list[torch.Tensor], np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Reference pipeline: valid points (raster order), numpy FPS/kNN, torch encoder,
-    3-NN inverse squared distance interpolation, scatter, avg_pool2d(3, 1), adaptive pool."""
+    3-NN inverse squared distance interpolation, scatter, avg_pool2d(3, 1), adaptive pool.
+
+    Returns the (grid^2, C) features, the FPS indices (G,) and the kNN indices (G, k)."""
     height, width, _ = organized.shape
     flat = organized.reshape(-1, 3)
     nonzero = np.flatnonzero(np.all(flat != 0, axis=-1))
@@ -217,7 +219,7 @@ def torch_point_grid(
         image[:, torch.from_numpy(nonzero)] = point_features.T
         image = image.reshape(1, -1, height, width)
         pooled = F.adaptive_avg_pool2d(F.avg_pool2d(image, 3, 1), grid)
-    return pooled.reshape(features.shape[1], -1).T, taps, centre_idx
+    return pooled.reshape(features.shape[1], -1).T, centre_idx, knn_idx
 
 
 def legacy_nearest_224(xyz: np.ndarray) -> np.ndarray:
@@ -287,17 +289,6 @@ def test_fps_and_knn_ties_go_to_the_lower_index():
     np.testing.assert_array_equal(np.asarray(idx), knn_numpy(points, mask, points[fps], 27))
 
 
-def test_fps_and_knn_match_numpy_on_real_cloud_at_real_config():
-    points, mask, points_np, mask_np = pack(real_cloud())
-    assert 20_000 < mask_np.sum() < 40_000
-    fps = np.asarray(fps_jit(points, mask, 1024))
-    np.testing.assert_array_equal(fps, fps_numpy(points_np, mask_np, 1024))
-    idx, _ = knn_jit(points, mask, points[fps], 128, 256)
-    np.testing.assert_array_equal(
-        np.asarray(idx), knn_numpy(points_np, mask_np, points_np[fps], 128)
-    )
-
-
 def test_small_clouds_raise_or_repeat_centres():
     with pytest.raises(ValueError, match="sample7: only 5 valid points"):
         pm.check_cloud(5, num_group=4, group_size=8, name="sample7")
@@ -305,7 +296,7 @@ def test_small_clouds_raise_or_repeat_centres():
 
     cloud = np.zeros((6, 6, 3), np.float32)
     cloud[1, 1:5] = [[0.125, 1, 1], [0.25, 1, 1], [0.375, 1, 1], [0.5, 1, 1]]  # exact ties
-    cfg = dict(SMALL_CFG, num_group=8, group_size=4)
+    cfg = dict(SMALL_CFG, num_group=8, group_size=4, depth=1, out_layers=(0,))
     variables = pm.init_random_point_mae_variables(jax.random.key(0), cfg)
     points, mask, points_np, mask_np = pack(cloud)
     fps = np.asarray(fps_jit(points, mask, 8))
@@ -392,7 +383,7 @@ def test_point_grid_matches_torch_pipeline(tmp_path):
     np.testing.assert_allclose(np.asarray(single), np.asarray(got[1]), atol=1e-6, rtol=0)
 
 
-def test_real_config_on_real_cloud_matches_torch(tmp_path):
+def test_real_config_on_real_cloud_matches_torch_and_numpy_grouping(tmp_path):
     cloud = real_cloud()
     model = make_torch_model(REAL_CFG, seed=2)
     path = tmp_path / "pretrain.pth"
@@ -401,8 +392,16 @@ def test_real_config_on_real_cloud_matches_torch(tmp_path):
     assert pm.count_parameters(variables) == sum(p.numel() for p in model.parameters())
     assert 21.7e6 < pm.count_parameters(variables) < 21.9e6  # notes §8.2: about 21.8 M
     got, foreground = backbones.point_mae_patch_grid(variables, cloud, REAL_CFG)
-    want, _, _ = torch_point_grid(model, cloud, 1024, 128, 56)
+    want, want_fps, want_knn = torch_point_grid(model, cloud, 1024, 128, 56)
     want = want.numpy()
+    # Grouping on the packed cloud (valid points first, raster order) equals numpy's.
+    points, mask, _, mask_np = pack(cloud)
+    assert 20_000 < mask_np.sum() < 40_000
+    fps = np.asarray(fps_jit(points, mask, 1024))
+    np.testing.assert_array_equal(fps, want_fps)
+    np.testing.assert_array_equal(
+        np.asarray(knn_jit(points, mask, points[fps], 128, 256)[0]), want_knn
+    )
     assert got.shape == want.shape == (3136, 1152)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(foreground), np.all(want != 0, axis=1))
