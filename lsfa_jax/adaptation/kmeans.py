@@ -37,7 +37,7 @@ def kmeans_plus_plus_init(
     proportional to the squared distance to the nearest seed. When no valid row has positive
     distance left (fewer distinct rows than K) the first valid row is repeated.
     """
-    x = x.astype(jnp.float32)
+    x, mask = jnp.asarray(x, jnp.float32), jnp.asarray(mask, bool)
     keys = jax.random.split(key, num_clusters)
     first_valid = jnp.argmax(mask)
 
@@ -68,7 +68,7 @@ def lloyd(
 
     Assignments of masked-out rows are -1; ties go to the lowest centroid index.
     """
-    x = x.astype(jnp.float32)
+    x, mask = jnp.asarray(x, jnp.float32), jnp.asarray(mask, bool)
     K = centroids.shape[0]
 
     def assign(c):

@@ -31,7 +31,9 @@ Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
 import tempfile
 import zlib
@@ -219,12 +221,20 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def make_train_step(
     model: LSFAModel, cfg: ml_collections.ConfigDict, mesh: Mesh, total_steps: int
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted (state, batch) -> (state, loss terms); see `_make_train_step`. Steps built from
+    equal settings are shared, so a resumed run in the same process does not recompile."""
+    return _make_train_step(model, cfg.to_json(sort_keys=True), mesh, total_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_train_step(model: LSFAModel, cfg_json: str, mesh: Mesh, total_steps: int):
     """Jitted (state, batch) -> (state, loss terms), data-parallel over `mesh`'s 'data' axis.
 
     The batch is split over devices, state (params, optimizer, banks) is replicated. The loss is
     a mean over the global batch, so the partitioner inserts the gradient all-reduce, and the
     banks are updated from the features of the whole global batch, identically everywhere.
     """
+    cfg = ml_collections.ConfigDict(json.loads(cfg_json))
     tx = make_optimizer(cfg, total_steps)
     loss_cfg = LossConfig.from_config(cfg)
     use_cls = bool(cfg.prepend_cls)
@@ -346,6 +356,12 @@ def train_adaptors(
     train_step = make_train_step(build_model(cfg), cfg, mesh, total)
     writer = _EventWriter(workdir / "tensorboard")
 
+    def position(epoch: int, index: int) -> dict[str, jax.Array]:
+        # Placed like the rest of the state, so the jitted step sees one input sharding.
+        return jax.device_put(
+            dict(epoch=jnp.int32(epoch), batch_index=jnp.int32(index)), replicated
+        )
+
     step, epoch, index = int(state.step), int(state.epoch), int(state.batch_index)
     bar = tqdm(total=total, initial=step, desc="lsfa adaptation", dynamic_ncols=True)
     try:
@@ -354,7 +370,7 @@ def train_adaptors(
             for batch in itertools.islice(batches_fn(epoch), index, None):
                 state, terms = train_step(state, check_batch(batch, cfg, mesh.size))
                 step, index, consumed = step + 1, index + 1, consumed + 1
-                state = state.replace(batch_index=jnp.int32(index), epoch=jnp.int32(epoch))
+                state = state.replace(**position(epoch, index))
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     values = {k: float(v) for k, v in terms.items()}
@@ -371,7 +387,7 @@ def train_adaptors(
                 if consumed == 0 and index == 0:
                     raise ValueError(f"train.py: batches_fn({epoch}) yielded no batches")
                 epoch, index = epoch + 1, 0
-                state = state.replace(batch_index=jnp.int32(0), epoch=jnp.int32(epoch))
+                state = state.replace(**position(epoch, index))
         checkpointer.save(step, state)
     finally:
         bar.close()
