@@ -8,6 +8,7 @@ renames it when done, so a half-built entry is never found; an interrupted build
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -108,36 +109,40 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
 
     builder_cls = tfds_builders.BUILDERS[data_cfg.name]
     prepared = {}
-    for class_name in classes:
-        key = cache_key(data_cfg, class_name)
-        entry = cache_entry(cache_dir, key)
-        entry.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(entry / "key.json", key)
-        config = tfds_builders.PreparedConfig(
-            # TFDS reserves the plain class names for the default configs.
-            name=f"{class_name}_{key_digest(key)}",
-            class_name=class_name,
-            image_size=key["image_size"],
-            plane=plane_params(data_cfg),
-            seed=key["seed"],
-            num_workers=workers,
-        )
-        builder = builder_cls(config=config, data_dir=entry)
-        if (Path(builder.data_dir) / "dataset_info.json").is_file():
-            logging.info("%s/%s: prepared data found in %s", data_cfg.name, class_name, entry)
-        else:
-            logging.info(
-                "%s/%s: preparing from %s into %s (image_size=%d, preprocess=%s, %d workers)",
-                data_cfg.name,
-                class_name,
-                raw_root,
-                entry,
-                key["image_size"],
-                key["preprocess"],
-                workers,
+    with contextlib.ExitStack() as stack:
+        pool = None
+        for class_name in classes:
+            key = cache_key(data_cfg, class_name)
+            entry = cache_entry(cache_dir, key)
+            entry.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(entry / "key.json", key)
+            config = tfds_builders.PreparedConfig(
+                # TFDS reserves the plain class names for the default configs.
+                name=f"{class_name}_{key_digest(key)}",
+                class_name=class_name,
+                image_size=key["image_size"],
+                plane=plane_params(data_cfg),
+                seed=key["seed"],
             )
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=str(raw_root))
-            )
-        prepared[class_name] = str(builder.data_dir)
+            builder = builder_cls(config=config, data_dir=entry)
+            if (Path(builder.data_dir) / "dataset_info.json").is_file():
+                logging.info("%s/%s: prepared data found in %s", data_cfg.name, class_name, entry)
+            else:
+                logging.info(
+                    "%s/%s: preparing from %s into %s (image_size=%d, preprocess=%s, %d workers)",
+                    data_cfg.name,
+                    class_name,
+                    raw_root,
+                    entry,
+                    key["image_size"],
+                    key["preprocess"],
+                    workers,
+                )
+                if pool is None and workers > 1:
+                    pool = stack.enter_context(tfds_builders.make_pool(workers))
+                builder = builder_cls(config=config, data_dir=entry, pool=pool)
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=str(raw_root))
+                )
+            prepared[class_name] = str(builder.data_dir)
     return prepared

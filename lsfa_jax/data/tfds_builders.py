@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
+import multiprocessing.pool
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from lsfa_jax.data import mvtec3d, preprocess, synthetic
 
 @dataclasses.dataclass(eq=False)
 class PreparedConfig(tfds.core.BuilderConfig):
-    """`plane=None` turns support-plane removal off; `num_workers=0` uses every CPU core."""
+    """`plane=None` turns support-plane removal off."""
 
     class_name: str = ""
     image_size: int = 224
@@ -37,34 +38,33 @@ class PreparedConfig(tfds.core.BuilderConfig):
         default_factory=preprocess.PlaneRemovalParams
     )
     seed: int = 0
-    num_workers: int = 0
 
 
 def resolve_workers(num_workers: int) -> int:
     return num_workers if num_workers > 0 else os.cpu_count() or 1
 
 
+def make_pool(num_workers: int) -> multiprocessing.pool.Pool | None:
+    """A spawn pool (TensorFlow is never forked) of `num_workers` (0: all cores); None for 1."""
+    workers = resolve_workers(num_workers)
+    return multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+
+
 def _prepared_samples(
-    samples: list[mvtec3d.SampleFiles], config: PreparedConfig, desc: str
+    samples: list[mvtec3d.SampleFiles],
+    config: PreparedConfig,
+    pool: multiprocessing.pool.Pool | None,
+    desc: str,
 ) -> Iterator[preprocess.PreparedSample]:
-    """Prepares samples in order, in a spawn pool (TensorFlow is never forked)."""
+    """Prepares samples in order, in `pool` when given."""
     work = functools.partial(
         preprocess.prepare_sample,
         image_size=config.image_size,
         params=config.plane,
         seed=config.seed,
     )
-    workers = min(resolve_workers(config.num_workers), len(samples))
-    with tqdm(total=len(samples), desc=desc, unit="sample") as bar:
-        if workers <= 1:
-            for files in samples:
-                yield work(files)
-                bar.update()
-            return
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for prepared in pool.imap(work, samples):
-                yield prepared
-                bar.update()
+    prepared = pool.imap(work, samples) if pool is not None else map(work, samples)
+    yield from tqdm(prepared, total=len(samples), desc=desc, unit="sample")
 
 
 class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -73,6 +73,11 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012 (TFDS reads a class dict)
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the extracted MVTec-3D-format folder as manual_dir."
+
+    def __init__(self, *, pool: multiprocessing.pool.Pool | None = None, **kwargs) -> None:
+        """`pool` prepares the samples (see `make_pool`); None prepares them in this process."""
+        self._pool = pool
+        super().__init__(**kwargs)
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -128,7 +133,7 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config = self.builder_config
         desc = f"{self.name}/{config.class_name}/{split}"
         skipped, unclustered, nonfinite = [], [], 0
-        for key, prepared in enumerate(_prepared_samples(samples, config, desc)):
+        for key, prepared in enumerate(_prepared_samples(samples, config, self._pool, desc)):
             files = prepared.files
             nonfinite += prepared.num_nonfinite
             info = prepared.plane_info
