@@ -311,9 +311,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                 source.split(class_name, split)
     adaptors, adaptor_path = None, ""
     if config.method == "lsfa":
-        adaptors, adaptor_path = load_or_train_adaptors(
-            config, source, classes, workdir, manifest
-        )
+        adaptors, adaptor_path = load_or_train_adaptors(config, source, classes, workdir, manifest)
     padded = {
         m: bank_padded_size(
             source,

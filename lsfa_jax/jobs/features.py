@@ -45,9 +45,7 @@ class FeatureSource:
             return extract_batch(self.backbones, batch, grid_size=self.config.grid_size)
         params = FpfhParams(**self.config.fpfh.to_dict())
         pairs = [
-            fpfh_patch_features(
-                cloud, params, grid_size=self.config.grid_size, name=str(file_id)
-            )
+            fpfh_patch_features(cloud, params, grid_size=self.config.grid_size, name=str(file_id))
             for cloud, file_id in zip(batch["xyz"], batch["file_id"], strict=True)
         ]
         return {
