@@ -11,8 +11,12 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-tf.config.set_visible_devices([], "GPU")
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError as e:  # TensorFlow's devices were initialised before this import
+    logging.warning("could not hide GPUs from TensorFlow (%s); it may reserve GPU memory", e)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
