@@ -1,0 +1,187 @@
+"""Adaptor training: loss goes down, resume == uninterrupted (bitwise), accumulation, few-shot."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
+from lsfa_jax.adaptation.losses import LossConfig, lsfa_loss
+from lsfa_jax.adaptation.train import (
+    build_model,
+    default_adaptation_config,
+    init_train_state,
+    make_optimizer,
+    select_few_shot,
+    train_adaptors,
+)
+
+B, P, CI, CP = 4, 9, 8, 12
+
+
+def tiny_config(**overrides):
+    cfg = default_adaptation_config()
+    cfg.update(
+        dict(
+            rgb_dim=CI,
+            xyz_dim=CP,
+            num_patches=P,
+            proj_dim=6,
+            rgb_heads=2,
+            xyz_heads=2,
+            batch_size=B,
+            warmup_steps=1,
+            local_bank_size=50,
+            global_bank_size=6,
+            kmeans_clusters=2,
+            kmeans_iters=3,
+            clc_chunk_size=16,
+            nn_chunk_size=32,
+            checkpoint_every=2,
+            log_every=1,
+            lr=3e-3,
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def synthetic_batches(num_batches=3, seed=0):
+    """Point features are a fixed linear map of the RGB features plus noise, so the two
+    modalities share structure that the adaptors can align."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(CI, CP)).astype(np.float32) / np.sqrt(CI)
+    data = []
+    for _ in range(num_batches):
+        rgb = rng.normal(size=(B, P, CI)).astype(np.float32)
+        xyz = (rgb @ W + 0.1 * rng.normal(size=(B, P, CP))).astype(np.float32)
+        data.append(
+            dict(
+                rgb=rgb,
+                xyz=xyz,
+                fg=rng.random((B, P)) < 0.8,
+                class_id=np.array([0, 1, 0, 1], np.int32),
+                rgb_cls=rng.normal(size=(B, CI)).astype(np.float32),
+            )
+        )
+
+    def batches_fn(epoch):
+        # Deterministic per epoch: a different but fixed order each epoch.
+        order = np.random.default_rng(100 + epoch).permutation(num_batches)
+        return [data[i] for i in order]
+
+    return batches_fn
+
+
+# One configuration for all training runs here, so the jitted step is compiled once.
+TRAIN_CFG = dict(num_steps=12, accum_steps=2, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted run: (workdir, final state)."""
+    workdir = tmp_path_factory.mktemp("full")
+    cfg = tiny_config(**TRAIN_CFG)
+    state = train_adaptors(cfg, synthetic_batches(), workdir, num_classes=2, resume=False)
+    return workdir, state
+
+
+def test_training_lowers_the_loss(full_run):
+    tmp_path, state = full_run
+    cfg = tiny_config(**TRAIN_CFG)
+    batches_fn = synthetic_batches()
+    # The run stops right after batch 3 of epoch 3 (4 epochs of 3 batches).
+    assert int(state.step) == 12 and int(state.epoch) == 3 and int(state.batch_index) == 3
+    init = init_train_state(cfg, 2, 12)
+    model = build_model(cfg)
+    loss_cfg = LossConfig.from_config(cfg)
+    batch = batches_fn(0)[0]
+    # Same batch, same (final) banks: only the parameters differ.
+    evaluate = jax.jit(
+        lambda p: lsfa_loss(p, model, batch, state.banks, 100, jax.random.PRNGKey(0), loss_cfg)[0]
+    )
+    before, after = float(evaluate(init.params)), float(evaluate(state.params))
+    assert after < 0.9 * before, (before, after)
+    # Banks: 3 distinct batches x 2 samples of each class, 9 patches each, so local RGB
+    # banks saw 12 steps x 18 rows and are full (50); global banks keep the last 6.
+    np.testing.assert_array_equal(np.asarray(state.banks["rgb_local"].count), [50, 50])
+    np.testing.assert_array_equal(np.asarray(state.banks["rgb_global"].count), [6, 6])
+    # The saved parameters load without the model or optimizer.
+    loaded = load_adaptor_params(tmp_path / "checkpoints")
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class SimulatedCrashError(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(full_run, tmp_path):
+    _, full = full_run
+    cfg = tiny_config(**TRAIN_CFG)
+    batches_fn = synthetic_batches()
+
+    consumed = []
+
+    def failing_fn(epoch):
+        for batch in batches_fn(epoch):
+            if len(consumed) == 5:
+                raise SimulatedCrashError("simulated crash while loading batch 6")
+            consumed.append(epoch)
+            yield batch
+
+    with pytest.raises(SimulatedCrashError):
+        train_adaptors(cfg, failing_fn, tmp_path / "resumed", num_classes=2, steps_per_epoch=3)
+    ckpt = Checkpointer(tmp_path / "resumed" / "checkpoints")
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+    resumed = train_adaptors(cfg, batches_fn, tmp_path / "resumed", num_classes=2)
+    assert int(resumed.step) == 12
+    full_leaves = jax.tree_util.tree_leaves_with_path(full)
+    resumed_leaves = jax.tree.leaves(resumed)
+    for (path, a), b in zip(full_leaves, resumed_leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+
+
+def test_gradient_accumulation_is_a_mean_update():
+    cfg = tiny_config(accum_steps=2, warmup_steps=0, lr=1e-2)
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    g1, g2 = {"w": jnp.array([0.5, 1.0, -1.0])}, {"w": jnp.array([1.5, -3.0, 0.0])}
+    tx = make_optimizer(cfg, total_steps=20)
+    state = tx.init(params)
+    u1, state = tx.update(g1, state, params)
+    assert np.all(np.asarray(u1["w"]) == 0)  # no update after the first micro-batch
+    u2, _ = tx.update(g2, state, params)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 0, 10, 0.0)
+    ref = optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01)
+    mean = {"w": (g1["w"] + g2["w"]) / 2}
+    want, _ = ref.update(mean, ref.init(params), params)
+    np.testing.assert_allclose(np.asarray(u2["w"]), np.asarray(want["w"]), rtol=1e-6)
+
+
+def test_select_few_shot_is_seeded_and_independent_of_other_classes():
+    pools = {"bagel": list(range(100, 150)), "tire": list(range(10)), "foam": list(range(20))}
+    a = select_few_shot(pools, 5, seed=0)
+    b = select_few_shot(pools, 5, seed=0)
+    c = select_few_shot(pools, 5, seed=1)
+    assert a == b and a != c
+    assert all(len(v) == 5 and len(set(v)) == 5 and set(v) <= set(pools[k]) for k, v in a.items())
+    only_tire = select_few_shot({"tire": pools["tire"]}, 5, seed=0)
+    assert only_tire["tire"] == a["tire"]
+    with pytest.raises(ValueError, match="tire"):
+        select_few_shot(pools, 11, seed=0)
+
+
+def test_bad_batches_are_rejected(tmp_path):
+    cfg = tiny_config(num_steps=1)
+
+    def wrong_dim(epoch):
+        batch = synthetic_batches()(epoch)[0]
+        return [dict(batch, xyz=batch["xyz"][..., :5])]
+
+    with pytest.raises(ValueError, match="batch shapes"):
+        train_adaptors(cfg, wrong_dim, tmp_path, num_classes=2)
