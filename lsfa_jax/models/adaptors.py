@@ -43,12 +43,38 @@ def _dense(features: int, fan_in: int, name: str, use_bias: bool = True, dtype=N
     )
 
 
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, query_chunk: int | None
+) -> jax.Array:
+    """softmax(q k^T * scale) v for (B, N, H, hd) inputs -> (B, N, H, hd).
+
+    With N > query_chunk the queries are processed `query_chunk` at a time and each chunk is
+    rematerialised in the backward pass, so at most (B, H, query_chunk, N) weights exist at
+    once (at N = 3136 the full weights are 3.8 GB per layer and batch of 8). Exact either way.
+    """
+
+    def rows(q_c):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q_c * scale, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    N = q.shape[1]
+    if query_chunk is None or query_chunk >= N:
+        return rows(q)
+    num_chunks = -(-N // query_chunk)
+    q_p = jnp.pad(q, ((0, 0), (0, num_chunks * query_chunk - N), (0, 0), (0, 0)))
+    q_p = jnp.moveaxis(q_p.reshape(q.shape[0], num_chunks, query_chunk, *q.shape[2:]), 1, 0)
+    out = jax.lax.map(jax.checkpoint(rows), q_p)
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])[:, :N]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv Dense; (B, N, C) -> (B, N, C)."""
 
     dim: int
     num_heads: int
     dtype: Any = None
+    query_chunk: int | None = 1024
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,10 +85,7 @@ class Attention(nn.Module):
         qkv = _dense(3 * C, C, "qkv", use_bias=False, dtype=self.dtype)(x)
         # Output channel s*C + h*hd + d, as the reference's reshape to (B, N, 3, H, hd).
         q, k, v = jnp.moveaxis(qkv.reshape(B, N, 3, self.num_heads, head_dim), 2, 0)
-        q = q * head_dim**-0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, N, C)
+        out = attention(q, k, v, head_dim**-0.5, self.query_chunk).reshape(B, N, C)
         return _dense(C, C, "proj", dtype=self.dtype)(out)
 
 
@@ -88,11 +111,13 @@ class EncoderBlock(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     dtype: Any = None
+    attn_query_chunk: int | None = 1024
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        x = x + Attention(self.dim, self.num_heads, self.dtype, name="attn")(norm(name="norm1")(x))
+        attn = Attention(self.dim, self.num_heads, self.dtype, self.attn_query_chunk, name="attn")
+        x = x + attn(norm(name="norm1")(x))
         hidden = int(self.dim * self.mlp_ratio)
         return x + Mlp(self.dim, hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
 
@@ -106,6 +131,7 @@ class Adaptor(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     dtype: Any = None
+    attn_query_chunk: int | None = 1024
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,7 +139,13 @@ class Adaptor(nn.Module):
             raise ValueError(f"adaptors.py: expected features of dim {self.dim}, got {x.shape}")
         if self.structure in ("encoder1", "encoder2"):
             block = functools.partial(
-                EncoderBlock, self.dim, self.num_heads, self.mlp_ratio, self.ln_eps, self.dtype
+                EncoderBlock,
+                self.dim,
+                self.num_heads,
+                self.mlp_ratio,
+                self.ln_eps,
+                self.dtype,
+                self.attn_query_chunk,
             )
             for i in range(1 if self.structure == "encoder1" else 2):
                 x = block(name=f"blocks_{i}")(x)
@@ -151,6 +183,7 @@ class LSFAModel(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     dtype: Any = None
+    attn_query_chunk: int | None = 1024
 
     def setup(self) -> None:
         adaptor = functools.partial(
@@ -159,6 +192,7 @@ class LSFAModel(nn.Module):
             mlp_ratio=self.mlp_ratio,
             ln_eps=self.ln_eps,
             dtype=self.dtype,
+            attn_query_chunk=self.attn_query_chunk,
         )
         self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
         self.xyz_mlp = adaptor(self.xyz_dim, num_heads=self.xyz_heads)
