@@ -188,3 +188,19 @@ def test_apply_adaptors_cls_flag():
     assert np.abs(np.asarray(r1) - np.asarray(r0)).max() > 1e-4
     with pytest.raises(ValueError, match="prepend_cls"):
         apply_adaptors(params, rgb, xyz, prepend_cls=True, rgb_heads=2, xyz_heads=2)
+
+
+def test_bf16_compute_is_close_to_fp32_and_keeps_fp32_params():
+    rng = np.random.default_rng(8)
+    kw = dict(rgb_dim=16, xyz_dim=24, proj_dim=8, rgb_heads=2, xyz_heads=2)
+    params = init_lsfa_params(LSFAModel(**kw), jax.random.PRNGKey(3), 8)
+    bf16 = LSFAModel(**kw, dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+    rgb = rng.normal(size=(2, 8, 16)).astype(np.float32)
+    xyz = rng.normal(size=(2, 8, 24)).astype(np.float32)
+    want = LSFAModel(**kw).apply({"params": params}, rgb, xyz)
+    got = bf16.apply({"params": params}, rgb, xyz)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.float32  # the residual stream keeps the input dtype
+        err = np.abs(np.asarray(g, np.float32) - np.asarray(w)).max()
+        assert 0 < err < 0.05 * np.abs(np.asarray(w)).max()

@@ -11,6 +11,9 @@ U(+-1/sqrt(fan_in)) for kernel and bias, so a fresh adaptor is distributed like 
 Structures (paper Table 7): `encoder1` (default), `encoder2` (two blocks), `linear` (one Dense
 per token) and `conv1x1` (a 1x1 convolution over the square patch grid; the same function class
 as `linear`, kept as a separate structure so the ablation names map one to one).
+
+`dtype` (e.g. bfloat16) is the compute dtype of the Dense, LayerNorm and attention matmuls;
+parameters stay float32 and the residual stream keeps the input's dtype (float32 features).
 """
 
 from __future__ import annotations
