@@ -17,6 +17,8 @@ from lsfa_jax.adaptation.losses import (
     ifc_global_loss,
     ifc_local_loss,
     lsfa_loss,
+    random_subset,
+    rotation_loss,
 )
 from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
 
@@ -248,3 +250,43 @@ def test_lsfa_loss_gradients_reach_all_params_and_not_inputs():
     for k, v in before.items():
         if v is not None:
             np.testing.assert_array_equal(batch[k], v)
+
+
+def test_random_subset_size_membership_and_uniformity():
+    rng = np.random.default_rng(11)
+    fg = rng.random((3, 20)) < 0.6
+    n_fg = int(fg.sum())
+    hits = np.zeros(fg.shape)
+    for i in range(200):
+        sub = np.asarray(random_subset(jnp.asarray(fg), 6, jax.random.PRNGKey(i)))
+        assert sub.sum() == n_fg // 6
+        assert not np.any(sub & ~fg)
+        hits += sub
+    # Each foreground patch is drawn with probability (|F| // 6) / |F|.
+    p = (n_fg // 6) / n_fg
+    assert np.abs(hits[fg] / 200 - p).max() < 4 * np.sqrt(p * (1 - p) / 200)
+
+
+def test_rotation_loss_is_one_directional_infonce_over_the_subset():
+    rng = np.random.default_rng(12)
+    q = rng.normal(size=(2, 7, 4)).astype(np.float32)
+    q_rot = rng.normal(size=(2, 7, 4)).astype(np.float32)
+    subset = rng.random((2, 7)) < 0.5
+    sel = subset.reshape(-1)
+    want = np_infonce(q.reshape(-1, 4)[sel], q_rot.reshape(-1, 4)[sel], 1.0)
+    got = rotation_loss(q, q_rot, subset, 1.0, scale_by_2t=True, chunk_size=5)
+    np.testing.assert_allclose(float(got), 2.0 * want, rtol=1e-5)
+
+
+def test_lsfa_loss_rotation_term():
+    model, params, batch, banks = tiny_setup(2)
+    cfg = LossConfig(w_rot=0.05, global_method="masked_mean")
+    key, step = jax.random.PRNGKey(0), jnp.int32(0)
+    with pytest.raises(KeyError, match="rgb_rot"):
+        lsfa_loss(params, model, batch, banks, step, key, cfg)
+    rot_batch = dict(batch, rgb_rot=np.asarray(batch["rgb"])[:, ::-1].copy())
+    total, aux = jit_lsfa_loss(params, model, rot_batch, banks, step, key, cfg)
+    t = {k: float(v) for k, v in aux["terms"].items()}
+    assert t["rot"] > 0
+    without = t["ifc"] + 0.6 * t["clc"]
+    np.testing.assert_allclose(float(total), without + 0.05 * t["rot"], rtol=1e-6)

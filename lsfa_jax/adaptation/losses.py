@@ -6,12 +6,12 @@ paper's Eqs. 5-6 write sums; a mean keeps the scale independent of the batch siz
 number of foreground patches, as the reference code does).
 
 Total (Eq. 9): L = w_ifc * [w_lc * (L_LC^I + L_LC^P) + w_gc * (L_GC^I + L_GC^P)]
-                 + lambda * (w_la * L_LA + w_ga * L_GA).
-Paper defaults: all w = 1, lambda = 0.6. The reference code's variant (notes 4.4/4.7) is
-lambda = 1, w_la = 1, w_ga = 0.1, w_ifc = 0.9, w_gc = 0.4, capped distances, InfoNCE scaled by
-2T, IFC only after 60 steps and for samples whose class RGB bank is (nearly) full. The reference's
-local-rotation term needs features of rotated images, which the feature batches do not carry; it
-is not implemented.
+                 + lambda * (w_la * L_LA + w_ga * L_GA) + w_rot * L_rot.
+Paper defaults: all w = 1 except w_rot = 0, lambda = 0.6. The reference code's variant (notes
+4.4/4.7) is lambda = 1, w_la = 1, w_ga = 0.1, w_rot = 0.05, w_ifc = 0.9, w_gc = 0.4, capped
+distances, InfoNCE scaled by 2T, IFC only after 60 steps and for samples whose class RGB bank is
+(nearly) full. L_rot is the reference's local-rotation term (notes 4.3): it needs the DINO
+features of the block-rotated image in the batch (`rgb_rot`, (B, P, Ci), no CLS).
 """
 
 from __future__ import annotations
@@ -128,6 +128,35 @@ def clc_global_loss(
     return symmetric_infonce(g_img, g_pt, valid, temperature, scale_by_2t)
 
 
+def random_subset(fg: jax.Array, divisor: int, key: jax.Array) -> jax.Array:
+    """A uniformly random subset of |F| // divisor foreground patches: fg (B, P) -> (B, P) bool.
+
+    Static shapes: random keys, background pushed last, the |F| // divisor smallest ranks kept.
+    """
+    flat = fg.reshape(-1)
+    u = jnp.where(flat, jax.random.uniform(key, flat.shape), 2.0)
+    rank = jnp.argsort(jnp.argsort(u))
+    return (rank < jnp.sum(flat) // divisor).reshape(fg.shape)
+
+
+def rotation_loss(
+    q: jax.Array,
+    q_rot: jax.Array,
+    subset: jax.Array,
+    temperature: float = 1.0,
+    scale_by_2t: bool = False,
+    chunk_size: int | None = 4096,
+) -> jax.Array:
+    """L_rot (reference code, notes 4.4-2): one-directional InfoNCE from the projected RGB
+    features q (B, P, E) to those of the locally rotated image q_rot (B, P, E) over the patches
+    in `subset` (B, P), which are also the only negatives. Positions index the foreground
+    through the mask (the reference's raw-position indexing is a bug, notes 9.2-5)."""
+    B, P, E = q.shape
+    a, b = _l2_normalize(q.reshape(B * P, E)), _l2_normalize(q_rot.reshape(B * P, E))
+    loss = _infonce_rows(a, b, subset.reshape(B * P), temperature, chunk_size)
+    return loss * (2.0 * temperature) if scale_by_2t else loss
+
+
 def feature_distance(x: jax.Array, y: jax.Array, capped: bool = False, cap: float = 50.0):
     """L2 distance |x - y| over the last axis (differences, not the expansion).
 
@@ -186,6 +215,8 @@ class LossConfig:
     w_ifc: float = 1.0
     w_lc: float = 1.0
     w_gc: float = 1.0
+    w_rot: float = 0.0
+    rot_subset_divisor: int = 6
     temperature: float = 1.0
     scale_by_2t: bool = False
     capped_distance: bool = False
@@ -219,11 +250,14 @@ def lsfa_loss(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Total LSFA loss (Eq. 9) for one batch and what to push into the banks afterwards.
 
-    batch: rgb (B,P,Ci), xyz (B,P,Cp), fg (B,P) bool, class_id (B,) int, optional rgb_cls (B,Ci).
+    batch: rgb (B,P,Ci), xyz (B,P,Cp), fg (B,P) bool, class_id (B,) int, optional rgb_cls (B,Ci)
+    and rgb_rot (B,P,Ci) (features of the block-rotated image, needed when cfg.w_rot > 0).
     banks: `BANK_NAMES` -> Bank (features from earlier steps only). Returns (loss, aux) with
     aux["terms"] the scalar terms for logging and aux["push"] the detached features and masks.
     """
-    fg = batch["fg"].astype(bool)
+    if cfg.w_rot and batch.get("rgb_rot") is None:
+        raise KeyError("losses.py: w_rot > 0 needs the rotated-image features batch['rgb_rot']")
+    fg = jnp.asarray(batch["fg"], bool)
     B = fg.shape[0]
     f_img, f_pt = model.apply({"params": params}, batch["rgb"], batch["xyz"], batch.get("rgb_cls"))
     f_img, f_pt = f_img.astype(jnp.float32), f_pt.astype(jnp.float32)
@@ -261,12 +295,20 @@ def lsfa_loss(
     clc = cfg.w_la * la + cfg.w_ga * ga
     ifc = cfg.w_lc * (lc_rgb + lc_xyz) + cfg.w_gc * (gc_rgb + gc_xyz)
     total = cfg.w_ifc * ifc + cfg.lambda_clc * clc
+    rot = jnp.zeros(())
+    if cfg.w_rot:
+        f_rot = model.apply({"params": params}, batch["rgb_rot"], method="adapt_rgb")
+        q_rot = model.apply({"params": params}, f_rot, method="project_rgb").astype(jnp.float32)
+        subset = random_subset(fg, cfg.rot_subset_divisor, jax.random.fold_in(key, 1))
+        rot = rotation_loss(q, q_rot, subset, cfg.temperature, cfg.scale_by_2t, cfg.clc_chunk_size)
+        total = total + cfg.w_rot * rot
     terms = dict(
         total=total,
         clc=clc,
         ifc=ifc,
         la=la,
         ga=ga,
+        rot=rot,
         lc_rgb=lc_rgb,
         lc_xyz=lc_xyz,
         gc_rgb=gc_rgb,

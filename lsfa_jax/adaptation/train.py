@@ -1,9 +1,9 @@
 """LSFA adaptor training (paper Algorithm 1): loss, optimizer step, then bank update, per batch.
 
 Data interface: `batches_fn(epoch)` returns an iterable of dicts with `rgb` (B,P,rgb_dim),
-`xyz` (B,P,xyz_dim), `fg` (B,P) bool, `class_id` (B,) int32 and optionally `rgb_cls`
-(B,rgb_dim) or None. It must be deterministic given `epoch`: a resumed run skips the batches of
-the current epoch that were already consumed.
+`xyz` (B,P,xyz_dim), `fg` (B,P) bool, `class_id` (B,) int32, optionally `rgb_cls` (B,rgb_dim)
+or None, and `rgb_rot` (B,P,rgb_dim) when w_rot > 0. It must be deterministic given `epoch`:
+a resumed run skips the batches of the current epoch that were already consumed.
 
 Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
   structure            adaptor structure: encoder1 | encoder2 | linear | conv1x1
@@ -23,7 +23,8 @@ Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
   bf16                 run the adaptors in bfloat16 (parameters, losses and banks stay fp32)
   seed                 parameter init and k-means keys
   checkpoint_every, keep_checkpoints, log_every   in batches
-  plus every field of `losses.LossConfig` (lambda_clc, w_la, w_ga, w_ifc, w_lc, w_gc,
+  plus every field of `losses.LossConfig` (lambda_clc, w_la, w_ga, w_ifc, w_lc, w_gc, w_rot,
+  rot_subset_divisor,
   temperature, scale_by_2t, capped_distance, distance_cap, ifc_warmup_steps, ifc_min_bank_fill,
   rgb_local_all_patches, global_method, kmeans_clusters, kmeans_iters, clc_chunk_size,
   nn_chunk_size).
@@ -105,6 +106,7 @@ def reference_code_overrides() -> dict[str, Any]:
         lambda_clc=1.0,
         w_la=1.0,
         w_ga=0.1,
+        w_rot=0.05,
         w_ifc=0.9,
         w_lc=1.0,
         w_gc=0.4,
@@ -281,6 +283,8 @@ def check_batch(batch: Batch, cfg: ml_collections.ConfigDict, num_devices: int) 
         )
     out = {k: batch[k] for k in ("rgb", "xyz", "fg", "class_id")}
     out["rgb_cls"] = batch.get("rgb_cls")
+    if batch.get("rgb_rot") is not None:
+        out["rgb_rot"] = batch["rgb_rot"]
     return out
 
 
