@@ -1,0 +1,237 @@
+"""No recompilation across samples and classes: the scorer and the feature extractors compile once.
+
+Compilations are counted from JAX's own compilation log (`jax_log_compiles`): every XLA
+compilation logs one "Compiling jit(<name>) ..." record. A jitted function that sees a new shape,
+dtype or static argument compiles again, so a constant count over a second class / batch shows
+that the shapes the pipeline feeds are static.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.models import point_mae, vit
+from lsfa_jax.patchcore.bank import build_memory_bank
+from lsfa_jax.patchcore.coreset import coreset_size
+from lsfa_jax.patchcore.scorer import score_batch
+
+_COMPILING = re.compile(r"Compiling (?:jit\()?([^\s()]+)")
+
+
+class _CompileLog(logging.Handler):
+    """Collects the names of the functions XLA compiles while installed."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _COMPILING.match(record.getMessage())
+        if match:
+            self.names.append(match.group(1))
+
+    def count(self, substring: str = "") -> int:
+        return sum(substring in name for name in self.names)
+
+    def since(self, start: int) -> Counter:
+        return Counter(self.names[start:])
+
+
+@contextlib.contextmanager
+def compile_log() -> Iterator[_CompileLog]:
+    handler = _CompileLog()
+    logger = logging.getLogger("jax")
+    previous_flag = jax.config.jax_log_compiles
+    previous_level = logger.level
+    jax.config.update("jax_log_compiles", True)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        jax.config.update("jax_log_compiles", previous_flag)
+
+
+def test_compile_log_sees_a_new_shape() -> None:
+    """The counter itself: a new input shape is one more compilation, a repeated one is not."""
+
+    @jax.jit
+    def double(x):
+        return 2.0 * x
+
+    with compile_log() as log:
+        double(jnp.ones(3)).block_until_ready()
+        first = log.count("double")
+        double(jnp.zeros(3)).block_until_ready()
+        repeated = log.count("double")
+        double(jnp.ones(5)).block_until_ready()
+        new_shape = log.count("double")
+    assert (first, repeated, new_shape) == (1, 1, 2)
+
+
+def _class_library(n_images: int, patches: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n_images * patches, dim)).astype(np.float32)
+
+
+def test_scorer_compiles_once_for_two_classes() -> None:
+    """Two classes with different library sizes, banks padded to one size as
+    `jobs/evaluate.py::bank_padded_size` does: scoring the second class compiles nothing."""
+    patches, dim, batch, ratio = 16, 8, 2, 0.25
+    libraries = [_class_library(6, patches, dim, 0), _class_library(9, patches, dim, 1)]
+    largest = max(len(lib) for lib in libraries)
+    padded = -(-coreset_size(largest, ratio) // 32) * 32
+    banks = [
+        build_memory_bank(lib, ratio=ratio, key=jax.random.key(i), padded_size=padded)
+        for i, lib in enumerate(libraries)
+    ]
+    assert int(banks[0].valid.sum()) != int(banks[1].valid.sum())
+    rng = np.random.default_rng(2)
+    queries = [rng.normal(size=(batch, patches, dim)).astype(np.float32) for _ in range(2)]
+    with compile_log() as log:
+        counts = []
+        for bank, query in zip(banks, queries, strict=True):
+            scores, maps = score_batch(bank, jnp.asarray(query), out_size=32, bank_chunk=32)
+            jax.block_until_ready((scores, maps))
+            counts.append(len(log.names))
+    assert log.count("_score_images") == 1, log.names
+    assert counts[1] == counts[0], f"second class compiled {log.since(counts[0])}"
+
+
+def _organized_cloud(size: int, hole: int, seed: int) -> np.ndarray:
+    """(size, size, 3) bumpy surface in metres with a (hole x hole) missing square."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[:size, :size] / size
+    z = 0.5 + 0.01 * np.sin(6 * u) * np.cos(5 * v) + 1e-4 * rng.normal(size=u.shape)
+    cloud = np.stack([u * 0.1, v * 0.1, z], axis=-1).astype(np.float32)
+    cloud[:hole, :hole] = 0.0
+    return cloud
+
+
+def test_extractors_compile_once_for_two_batches() -> None:
+    """ViT and the Point-MAE branch on two batches whose clouds have different numbers of valid
+    points (packing to a fixed size with a mask keeps the shapes static)."""
+    rgb_cfg = vit.ViTConfig(img_size=32, embed_dim=16, depth=1, num_heads=2)
+    rgb_params = vit.init_random_vit_params(jax.random.key(0), rgb_cfg)
+    point_cfg = ml_collections.ConfigDict(
+        dict(
+            num_group=8,
+            group_size=8,
+            trans_dim=16,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_layers=(0, 1),
+        )
+    )
+    point_vars = point_mae.init_random_point_mae_variables(jax.random.key(1), point_cfg)
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
+            np.stack([_organized_cloud(32, hole, seed) for seed, hole in enumerate(holes)]),
+        )
+        for holes in ((0, 5), (11, 17))
+    ]
+    valid_counts = {int(np.all(c != 0, -1).sum()) for _, clouds in batches for c in clouds}
+    assert len(valid_counts) == 4
+    with compile_log() as log:
+        counts = []
+        for images, clouds in batches:
+            rgb = vit.dino_patch_grid(rgb_params, jnp.asarray(images), model_cfg=rgb_cfg)
+            xyz, fg = point_mae_patch_grid_batch(point_vars, clouds, point_cfg, grid_size=8)
+            jax.block_until_ready((rgb, xyz, fg))
+            counts.append(len(log.names))
+    assert rgb.shape == (2, 64, 16) and xyz.shape == (2, 64, 32)
+    assert log.count("dino_patch_grid") == 1, log.names
+    assert counts[1] == counts[0], f"second batch compiled {log.since(counts[0])}"
+
+
+def _tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
+    from configs import synthetic as synthetic_config
+
+    config = synthetic_config.get_config()
+    config.method = "raw"
+    config.data_dir = str(data_dir)
+    config.data.preprocess = False
+    config.data.num_workers = 1
+    config.data.image_size = 32
+    config.data.synthetic.update(
+        dict(
+            classes=("sphere_cap", "torus"),
+            image_size=32,
+            num_train=3,
+            num_validation=2,
+            num_test_good=2,
+            num_test_per_defect=1,
+        )
+    )
+    config.rgb_backbone = ml_collections.ConfigDict(
+        dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2)
+    )
+    config.point_backbone = ml_collections.ConfigDict(
+        dict(
+            num_group=8,
+            group_size=8,
+            trans_dim=16,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_layers=(0, 1),
+        )
+    )
+    config.grid_size = 8  # 32 px / patch 8 = 4 tokens, replicated 2x -> 8x8, as the point grid
+    config.batch_size = 2  # splits of 3 and 5 samples: the last batch is padded
+    config.patchcore.coreset_ratio = 0.25
+    config.patchcore.rgb_coreset_ratio = 0.25
+    config.report.num_overlays = 0
+    config.report.plots = False
+    return config
+
+
+def test_run_evaluation_scores_the_second_class_without_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_evaluation` in-process on two synthetic classes: every jitted call made while
+    scoring the second class (validation and test splits, both modalities) reuses the first
+    class's executables."""
+    from lsfa_jax.jobs import evaluate
+
+    config = _tiny_evaluation_config(tmp_path / "raw")
+    per_class: list[dict] = []
+    original_score_split = evaluate.score_split
+    original_one_class = evaluate.evaluate_one_class
+
+    def counting_one_class(config, class_index, class_name, *args, **kwargs):
+        per_class.append({"class": class_name, "score_split": Counter()})
+        return original_one_class(config, class_index, class_name, *args, **kwargs)
+
+    def counting_score_split(bank, features, config, desc):
+        start = len(log.names)
+        out = original_score_split(bank, features, config, desc)
+        per_class[-1]["score_split"].update(log.since(start))
+        return out
+
+    monkeypatch.setattr(evaluate, "evaluate_one_class", counting_one_class)
+    monkeypatch.setattr(evaluate, "score_split", counting_score_split)
+    with compile_log() as log:
+        results = evaluate.run_evaluation(config, tmp_path / "work")
+    assert [c["class"] for c in per_class] == ["sphere_cap", "torus"]
+    assert set(results) == {"RGB", "3D", "RGB+3D"}
+    first, second = (c["score_split"] for c in per_class)
+    assert first["_score_images"] == 2, first  # one executable per modality (16 and 32 channels)
+    assert sum(second.values()) == 0, f"scoring the second class compiled {dict(second)}"
