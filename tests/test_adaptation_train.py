@@ -114,6 +114,13 @@ def test_training_lowers_the_loss(full_run):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from_step_dir = load_adaptor_params(tmp_path / "checkpoints" / "12")
+    assert jax.tree.structure(from_step_dir) == jax.tree.structure(loaded)
+    # Resuming a finished run changes nothing.
+    again = train_adaptors(cfg, batches_fn, tmp_path, num_classes=2)
+    assert int(again.step) == 12
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class SimulatedCrashError(RuntimeError):

@@ -392,7 +392,8 @@ def train_adaptors(
                     raise ValueError(f"train.py: batches_fn({epoch}) yielded no batches")
                 epoch, index = epoch + 1, 0
                 state = state.replace(**position(epoch, index))
-        checkpointer.save(step, state)
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state)
     finally:
         bar.close()
         writer.close()
