@@ -129,3 +129,11 @@ def test_coreset_size():
         coreset.coreset_size(10, 0.0)
     with pytest.raises(ValueError, match="n_select"):
         coreset.greedy_k_center(jnp.zeros((4, 2)), 5)
+
+
+def test_greedy_k_center_far_from_origin_matches_numpy():
+    # A large common offset would ruin the float32 distance expansion without centring.
+    rng = np.random.default_rng(6)
+    z = (rng.normal(size=(2000, 32)) + 1000.0).astype(np.float32)
+    selected = np.asarray(coreset.greedy_k_center(jnp.asarray(z), 100))
+    np.testing.assert_array_equal(selected, numpy_greedy(z, 100))
