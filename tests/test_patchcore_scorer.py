@@ -57,6 +57,26 @@ def test_nearest_neighbours_matches_brute_force(k, bank_chunk):
     np.testing.assert_array_equal(np.asarray(idx)[:3, 0], [15, 16, 63])
 
 
+@pytest.mark.parametrize("bank_chunk", [256, 512, 1024])
+def test_nearest_neighbours_grouped_argmin_path(bank_chunk):
+    # Chunks that are multiples of 128 take the grouped argmin; duplicated rows across groups
+    # and chunks check that the lowest index still wins ties.
+    rng = np.random.default_rng(9)
+    bank = rng.normal(size=(1000, 8)).astype(np.float32)
+    bank[700] = bank[300] = bank[130] = bank[5]
+    valid = rng.random(1000) > 0.2
+    valid[[5, 130, 300, 700]] = [False, True, True, True]
+    queries = rng.normal(size=(60, 8)).astype(np.float32)
+    queries[0] = bank[5]
+    dist, idx = scorer.nearest_neighbours(
+        jnp.asarray(queries), jnp.asarray(bank), jnp.asarray(valid), bank_chunk=bank_chunk
+    )
+    ref_d, ref_i = brute_knn(queries, bank, valid, 1)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    assert int(idx[0, 0]) == 130
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-4, atol=1e-3)
+
+
 def test_nearest_neighbours_masked_rows_never_win():
     bank = np.zeros((10, 4), np.float32)
     bank[5] = 10.0
