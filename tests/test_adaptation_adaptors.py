@@ -19,6 +19,11 @@ from lsfa_jax.models.adaptors import (
 )
 
 
+def jit_apply(module):
+    """module.apply, jitted: eager op-by-op dispatch of a whole block is slow on CPU."""
+    return jax.jit(module.apply, static_argnames=("method",))
+
+
 class TorchBlock(torch.nn.Module):
     """Pre-norm encoder block as described in the notes (4.2), written for this test."""
 
@@ -78,7 +83,8 @@ def test_encoder_block_matches_torch_reference(dim, heads):
     model = LSFAModel(rgb_dim=dim, xyz_dim=dim, proj_dim=8, rgb_heads=heads, xyz_heads=heads)
     params = random_ln(init_lsfa_params(model, jax.random.PRNGKey(0), 10), rng)
     x = rng.normal(size=(2, 10, dim)).astype(np.float32)
-    f_img, f_pt = model.apply({"params": params}, x, x * 0.5)
+    apply = jit_apply(model)
+    f_img, f_pt = apply({"params": params}, x, x * 0.5)
     tb = TorchBlock(dim, heads)
     load_block(tb, params["rgb_mlp"]["blocks_0"])
     with torch.no_grad():
@@ -88,7 +94,7 @@ def test_encoder_block_matches_torch_reference(dim, heads):
     with torch.no_grad():
         want_pt = tb(torch.from_numpy(x * 0.5)).numpy()
     np.testing.assert_allclose(np.asarray(f_pt), want_pt, rtol=1e-4, atol=1e-5)
-    proj = model.apply({"params": params}, f_img, method="project_rgb")
+    proj = apply({"params": params}, f_img, method="project_rgb")
     head = params["rgb_head"]
     want_proj = np.asarray(f_img) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     np.testing.assert_allclose(np.asarray(proj), want_proj, rtol=1e-5, atol=1e-5)
@@ -99,9 +105,9 @@ def test_query_chunked_attention_equals_full_with_gradients():
     full = Adaptor(8, num_heads=2, attn_query_chunk=None)
     chunked = Adaptor(8, num_heads=2, attn_query_chunk=4)  # 11 = 4 + 4 + 3: padding exercised
     params = full.init(jax.random.PRNGKey(0), x)["params"]
-    f = lambda mod: lambda p: (mod.apply({"params": p}, x) ** 2).sum()
-    v1, g1 = jax.value_and_grad(f(full))(params)
-    v2, g2 = jax.value_and_grad(f(chunked))(params)
+    f = lambda mod: jax.jit(lambda p: (mod.apply({"params": p}, x) ** 2).sum())
+    v1, g1 = jax.jit(jax.value_and_grad(f(full)))(params)
+    v2, g2 = jax.jit(jax.value_and_grad(f(chunked)))(params)
     np.testing.assert_allclose(float(v2), float(v1), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -126,7 +132,7 @@ def test_torch_default_init_bounds_and_not_identity():
         if v.size > 1000:
             assert abs(v.std() - bound / math.sqrt(3)) < 0.05 * bound, name
     x = np.random.default_rng(0).normal(size=(1, 4, 64)).astype(np.float32)
-    f_img, _ = model.apply({"params": params}, x, np.zeros((1, 4, 96), np.float32))
+    f_img, _ = jit_apply(model)({"params": params}, x, np.zeros((1, 4, 96), np.float32))
     assert np.abs(np.asarray(f_img) - x).max() > 1e-2
 
 
@@ -177,13 +183,12 @@ def test_apply_adaptors_cls_flag():
     xyz = rng.normal(size=(2, 6, 12)).astype(np.float32)
     cls = rng.normal(size=(2, 8)).astype(np.float32)
     r0, p0 = apply_adaptors(params, rgb, xyz, cls, rgb_heads=2, xyz_heads=2)
-    want = model.apply({"params": params}, rgb, xyz)
+    apply = jit_apply(model)
+    want = apply({"params": params}, rgb, xyz)
     np.testing.assert_allclose(np.asarray(r0), np.asarray(want[0]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(p0), np.asarray(want[1]), rtol=1e-5, atol=1e-6)
     r1, _ = apply_adaptors(params, rgb, xyz, cls, rgb_heads=2, xyz_heads=2, prepend_cls=True)
-    full = model.apply(
-        {"params": params}, np.concatenate([cls[:, None], rgb], 1), method="adapt_rgb"
-    )
+    full = apply({"params": params}, np.concatenate([cls[:, None], rgb], 1), method="adapt_rgb")
     np.testing.assert_allclose(np.asarray(r1), np.asarray(full)[:, 1:], rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(r1) - np.asarray(r0)).max() > 1e-4
     with pytest.raises(ValueError, match="prepend_cls"):
@@ -198,8 +203,8 @@ def test_bf16_compute_is_close_to_fp32_and_keeps_fp32_params():
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     rgb = rng.normal(size=(2, 8, 16)).astype(np.float32)
     xyz = rng.normal(size=(2, 8, 24)).astype(np.float32)
-    want = LSFAModel(**kw).apply({"params": params}, rgb, xyz)
-    got = bf16.apply({"params": params}, rgb, xyz)
+    want = jit_apply(LSFAModel(**kw))({"params": params}, rgb, xyz)
+    got = jit_apply(bf16)({"params": params}, rgb, xyz)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == jnp.float32  # the residual stream keeps the input dtype
         err = np.abs(np.asarray(g, np.float32) - np.asarray(w)).max()
