@@ -6,13 +6,12 @@ a subprocess's output without parsing free text.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 RESULT_PREFIX = "RESULT "
@@ -57,9 +56,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status: no {field} line")
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process, MiB."""
-    return _status_kib("VmRSS") / 1024.0
+def anon_mib() -> float:
+    """Current anonymous resident memory (RssAnon) of this process, MiB."""
+    return _status_kib("RssAnon") / 1024.0
 
 
 def reset_peak_rss() -> None:
@@ -71,18 +70,6 @@ def reset_peak_rss() -> None:
 def peak_rss_mib() -> float:
     """Peak resident set size (VmHWM) since the process started or the last reset, MiB."""
     return _status_kib("VmHWM") / 1024.0
-
-
-@contextlib.contextmanager
-def stage_memory(record: dict[str, float]) -> Iterator[None]:
-    """Measures a stage: fills record with seconds, rss_before_mib and peak_rss_mib (the peak
-    resident memory of the process during the stage, including what was resident before)."""
-    reset_peak_rss()
-    record["rss_before_mib"] = rss_mib()
-    start = time.perf_counter()
-    yield
-    record["seconds"] = time.perf_counter() - start
-    record["peak_rss_mib"] = peak_rss_mib()
 
 
 def device_peak_mib() -> float | None:
@@ -207,7 +194,7 @@ class MemorySampler:
         self.seconds = 0.0
 
     def _sample(self) -> None:
-        self.peak_anon_mib = max(self.peak_anon_mib, _status_kib("RssAnon") / 1024.0)
+        self.peak_anon_mib = max(self.peak_anon_mib, anon_mib())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -217,7 +204,7 @@ class MemorySampler:
         import threading
 
         reset_peak_rss()
-        self.anon_before_mib = _status_kib("RssAnon") / 1024.0
+        self.anon_before_mib = anon_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.perf_counter()
