@@ -1,0 +1,354 @@
+"""Faults: a run killed with SIGKILL and started again ends exactly like an uninterrupted run.
+
+The end-to-end test runs `main.py` (train_eval, method lsfa, a tiny synthetic config) in
+subprocesses: an uninterrupted reference run, and a run in a second workdir that is killed at a
+seeded random point of adaptor training (possibly in the middle of a checkpoint save) and
+restarted to completion. Scores, metrics, memory banks and adaptor parameters must be
+bit-identical to the reference, and the restart must reuse the finished work (cached features,
+the latest complete checkpoint). The in-process tests cover what a kill can leave
+behind in each writer: feature-cache temp folders, TFDS `incomplete.*` folders, orbax temp
+checkpoints, temp result files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
+from lsfa_jax.data import pipeline, prepare, synthetic
+from lsfa_jax.features import cache
+from lsfa_jax.jobs.common import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 20240917  # picks the kill points; fixed so a failure can be reproduced
+
+# The smallest config whose whole pipeline runs: 32 px images, 8x8 patch grid, one class,
+# depth-1 backbones, 4 epochs of 2 batches with a checkpoint after every batch.
+TINY_CONFIG = """
+from configs.synthetic import get_config as synthetic_config
+
+
+def get_config():
+    c = synthetic_config()
+    c.data.classes = "box"
+    c.data.image_size = 32
+    c.data.preprocess = False
+    c.data.num_workers = 1
+    c.data.synthetic.classes = ("box",)
+    c.data.synthetic.image_size = 64
+    c.data.synthetic.num_train = 4
+    c.data.synthetic.num_validation = 2
+    c.data.synthetic.num_test_good = 2
+    c.data.synthetic.num_test_per_defect = 1
+    c.rgb_backbone.update(depth=1, embed_dim=32, num_heads=2)
+    c.point_backbone.update(
+        num_group=32, group_size=8, trans_dim=32, depth=1, num_heads=2, out_layers=(0,)
+    )
+    c.grid_size = 8
+    c.batch_size = 2
+    c.adaptation.update(
+        num_epochs=4, batch_size=2, rgb_heads=2, xyz_heads=2, proj_dim=16, checkpoint_every=1,
+        global_bank_size=4, local_bank_size=256, warmup_steps=1, log_every=1,
+    )
+    c.report.num_overlays = 0
+    c.report.plots = False
+    return c
+"""
+
+
+def write_tiny_config(folder: Path) -> tuple[Path, ml_collections.ConfigDict]:
+    """Writes TINY_CONFIG to folder/tiny.py; returns its path and the config it builds."""
+    path = folder / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module.get_config()
+
+
+def generate_raw(folder: Path, config: ml_collections.ConfigDict) -> Path:
+    """Generates the raw dataset once, so concurrent runs only read it."""
+    raw = folder / "raw"
+    syn = synthetic.SyntheticConfig.from_mapping(config.data.synthetic.to_dict())
+    synthetic.generate_dataset(raw, syn)
+    assert synthetic.is_generated(raw, syn)
+    return raw
+
+
+def start_run(config_path: Path, raw: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
+    """Starts `main.py` with its own process group; stdout and stderr go to workdir.log."""
+    log = workdir.parent / f"{workdir.name}.{int(time.monotonic() * 1e6)}.log"
+    handle = log.open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "main.py",
+            f"--config={config_path}",
+            f"--workdir={workdir}",
+            f"--config.data_dir={raw}",
+        ],
+        cwd=REPO,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        start_new_session=True,
+    )
+    handle.close()
+    return process, log
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    text = log.read_text()
+    assert process.returncode == 0, text[-3000:]
+    return text
+
+
+def kill_at(process: subprocess.Popen, log: Path, marker: str, delay: float) -> str:
+    """SIGKILLs the run `delay` s after `marker` first appears in its log; returns the log."""
+    deadline = time.monotonic() + 300
+    while marker not in log.read_text():
+        assert process.poll() is None, f"ended before {marker!r}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{marker!r} never appeared"
+        time.sleep(0.02)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    return log.read_text()
+
+
+def run_outputs(workdir: Path) -> dict[str, object]:
+    """What a run produces: scores, metrics, thresholds, banks and the final adaptor params."""
+    outputs: dict[str, object] = {
+        name: (workdir / name).read_text()
+        for name in (
+            "scores/box.json",
+            "results/results.json",
+            "results/thresholds.json",
+            "model/box/fusion.json",
+        )
+    }
+    for modality in ("rgb", "xyz"):
+        with np.load(workdir / "model" / "box" / f"{modality}.npz") as bank:
+            outputs.update({f"bank/{modality}/{k}": bank[k] for k in bank.files})
+    params = load_adaptor_params(workdir / "adaptation" / "checkpoints")
+    flat = {"/".join(str(k) for k in path): leaf for path, leaf in _leaves(params)}
+    outputs.update({f"params/{k}": v for k, v in flat.items()})
+    return outputs
+
+
+def _leaves(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from _leaves(tree[key], (*prefix, key))
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def assert_same_outputs(expected: dict, actual: dict) -> None:
+    assert sorted(expected) == sorted(actual)
+    for key, value in expected.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(actual[key], value, err_msg=key)
+        else:
+            assert actual[key] == value, key
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_run_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    config_path, config = write_tiny_config(tmp_path)
+    raw = generate_raw(tmp_path, config)
+    rng = random.Random(SEED)
+    kill_step = rng.randint(1, 6)  # of 8 training steps
+    kill_delay = rng.uniform(0.0, 0.15)  # a training step takes about 0.2 s
+
+    reference, reference_log = start_run(config_path, raw, tmp_path / "reference")
+    killed, killed_log = start_run(config_path, raw, tmp_path / "killed")
+    # Inside adaptor training, just after the save of checkpoint `kill_step` started.
+    kill_at(killed, killed_log, f"Saving checkpoint at step {kill_step}", kill_delay)
+    assert not (tmp_path / "killed" / "results").exists()
+    # Completion.
+    final, final_log = start_run(config_path, raw, tmp_path / "killed")
+    final_text = finish(final, final_log)
+    finish(reference, reference_log)
+
+    # The restart reused the finished work: features from the cache, training resumed.
+    for split in ("train", "validation", "test"):
+        assert f"Features of box/{split}: cached at" in final_text
+    resumed = [int(s) for s in _resumed_steps(final_text)]
+    assert len(resumed) == 1 and kill_step - 1 <= resumed[0] <= kill_step + 1, final_text[-2000:]
+    assert_same_outputs(run_outputs(tmp_path / "reference"), run_outputs(tmp_path / "killed"))
+    # One entry per split; hidden temp folders a kill may leave are never read.
+    features = tmp_path / "killed" / "cache" / "features"
+    entries = [p.name.split("-")[1] for p in features.iterdir() if not p.name.startswith(".")]
+    assert sorted(entries) == ["test", "train", "validation"]
+
+
+def _resumed_steps(text: str) -> list[str]:
+    marker = "Resumed adaptation from step "
+    return [line.split(marker)[1].split()[0] for line in text.splitlines() if marker in line]
+
+
+# --- what a kill leaves behind, writer by writer (in process) -----------------------------------
+
+
+def _fake_prepared(monkeypatch: pytest.MonkeyPatch, batches: list[dict]) -> dict[str, str]:
+    """A stand-in pipeline of fixed batches, so the cache can be tested without TFDS."""
+    count = sum(len(b["file_id"]) for b in batches)
+    monkeypatch.setattr(cache.pipeline, "num_examples", lambda prepared, c, s: count)
+    monkeypatch.setattr(
+        cache.pipeline, "make_batches", lambda prepared, c, s, b: iter([dict(x) for x in batches])
+    )
+    return {"box": "/prepared/box"}
+
+
+def _batches() -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "xyz": rng.normal(size=(2, 4, 3)).astype(np.float32),
+            "file_id": np.array([f"train/good/{2 * i:03d}", f"train/good/{2 * i + 1:03d}"]),
+            "label": np.zeros(2, np.int32),
+            "defect_type": np.array(["good", "good"]),
+        }
+        for i in range(3)
+    ]
+
+
+def test_feature_cache_interrupted_midway_leaves_no_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = _batches()
+    prepared = _fake_prepared(monkeypatch, batches)
+    calls = []
+
+    def interrupted(batch: dict) -> dict:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does half-way through the split
+        return {"xyz": batch["xyz"] * 2}
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.split_features(interrupted, "fp", prepared, "box", "train", tmp_path, batch_size=2)
+    assert list((tmp_path / "features").iterdir()) == []
+
+    entry = cache.split_features(
+        lambda b: {"xyz": b["xyz"] * 2}, "fp", prepared, "box", "train", tmp_path, batch_size=2
+    )
+    expected = np.concatenate([b["xyz"] for b in batches]) * 2
+    np.testing.assert_array_equal(entry.arrays["xyz"], expected)
+    assert entry.file_id == [f"train/good/{i:03d}" for i in range(6)]
+
+
+def test_feature_cache_ignores_what_a_sigkill_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL skips the cleanup: a temp folder with partial arrays (and even a meta.json) stays.
+
+    It is never read: entries are found only under their final name, renamed into place last.
+    """
+    batches = _batches()
+    prepared = _fake_prepared(monkeypatch, batches)
+    key = cache.entry_key("fp", prepared["box"], "box", "train")
+    leftover = tmp_path / "features" / f".box-train-{key}.abc123"
+    leftover.mkdir(parents=True)
+    np.save(leftover / "xyz.npy", np.full((6, 2, 4, 3), 7.0, np.float32))
+    (leftover / "meta.json").write_text('{"file_id": [], "arr')
+
+    entry = cache.split_features(
+        lambda b: {"xyz": b["xyz"]}, "fp", prepared, "box", "train", tmp_path, batch_size=2
+    )
+    np.testing.assert_array_equal(entry.arrays["xyz"], np.concatenate([b["xyz"] for b in batches]))
+    assert entry.path.name == f"box-train-{key}"
+
+
+def test_prepare_redoes_a_build_killed_midway(synthetic_root: Path, tmp_path: Path) -> None:
+    """A TFDS build killed before its rename leaves `incomplete.*`; the next run rebuilds."""
+    data_cfg = ml_collections.ConfigDict(
+        dict(
+            name="mvtec3d",
+            data_dir=str(tmp_path / "mvtec"),
+            classes="bagel",
+            image_size=32,
+            preprocess=False,
+            num_workers=1,
+            seed=0,
+        )
+    )
+    (tmp_path / "mvtec").mkdir()
+    (tmp_path / "mvtec" / "bagel").symlink_to(synthetic_root / "torus")
+    reference = prepare.prepare_dataset(data_cfg, tmp_path / "reference")
+
+    key = prepare.cache_key(data_cfg, "bagel")
+    inside = Path(reference["bagel"]).relative_to(prepare.cache_entry(tmp_path / "reference", key))
+    version_dir = prepare.cache_entry(tmp_path / "killed", key) / inside
+    incomplete = version_dir.parent / f"incomplete.XYZ_{version_dir.name}"
+    incomplete.mkdir(parents=True)
+    (incomplete / "mvtec3d-train.tfrecord-00000-of-00001").write_bytes(b"half a record")
+    rebuilt = prepare.prepare_dataset(data_cfg, tmp_path / "killed")
+    assert rebuilt["bagel"] == str(version_dir)
+    for split in ("train", "validation", "test"):
+        first = list(pipeline.make_batches(reference, "bagel", split, 16))
+        again = list(pipeline.make_batches(rebuilt, "bagel", split, 16))
+        assert len(first) == len(again) == 1
+        for name in ("rgb", "xyz", "mask", "label", "file_id"):
+            np.testing.assert_array_equal(again[0][name], first[0][name], err_msg=name)
+
+
+def test_orbax_ignores_a_checkpoint_killed_while_saving(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory)
+    state = {"params": {"w": np.arange(8, dtype=np.float32)}, "step": np.asarray(2, np.int32)}
+    checkpointer.save(2, state)
+    checkpointer.close()
+    # What a kill during the save of step 3 leaves: orbax's temp folder, never renamed.
+    partial = directory / "3.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+
+    checkpointer = Checkpointer(directory)
+    assert checkpointer.latest_step() == 2
+    restored = checkpointer.restore(state)
+    checkpointer.close()
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    np.testing.assert_array_equal(load_adaptor_params(directory)["w"], state["params"]["w"])
+
+
+def test_result_file_is_never_half_written(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves only its hidden temp file; readers see old or new."""
+    target = tmp_path / "scores" / "box.json"
+    write_json_atomic(target, {"scores": [1.0, 2.0]})
+    script = (
+        "import json, os, sys, time\n"
+        "from lsfa_jax.jobs import common\n"
+        "def slow_dump(payload, handle, **kw):\n"
+        "    handle.write('{\"scores\": [3.0,'); handle.flush(); print('written', flush=True)\n"
+        "    time.sleep(60)\n"
+        "common.json.dump = slow_dump\n"
+        f"common.write_json_atomic({str(target)!r}, {{'scores': [3.0, 4.0]}})\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "written"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+    assert json.loads(target.read_text()) == {"scores": [1.0, 2.0]}
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != "box.json"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".box.json.")
+    write_json_atomic(target, {"scores": [3.0, 4.0]})
+    assert json.loads(target.read_text()) == {"scores": [3.0, 4.0]}
