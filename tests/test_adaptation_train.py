@@ -8,7 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
+from lsfa_jax.adaptation.checkpointing import (
+    CheckpointCorruptError,
+    Checkpointer,
+    load_adaptor_params,
+)
 from lsfa_jax.adaptation.losses import LossConfig, lsfa_loss
 from lsfa_jax.adaptation.train import (
     build_model,
@@ -192,3 +196,22 @@ def test_bad_batches_are_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="batch shapes"):
         train_adaptors(cfg, wrong_dim, tmp_path, num_classes=2)
+
+
+def test_corrupted_checkpoint_is_detected(tmp_path):
+    params = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory)
+    checkpointer.save(3, {"params": {"w": params}, "step": np.int32(3)})
+    template = {"params": {"w": jnp.zeros((64, 8))}, "step": jnp.int32(0)}
+    np.testing.assert_array_equal(np.asarray(checkpointer.restore(template)["params"]["w"]), params)
+    checkpointer.close()
+    np.testing.assert_array_equal(load_adaptor_params(directory)["w"], params)
+    data = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    data.write_bytes(bytes(content))
+    with pytest.raises(CheckpointCorruptError, match=str(directory / "3")):
+        load_adaptor_params(directory)
+    with pytest.raises(CheckpointCorruptError):
+        Checkpointer(directory).restore(template)

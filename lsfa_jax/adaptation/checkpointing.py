@@ -1,13 +1,16 @@
 """Orbax checkpoints of the whole adaptation TrainState (atomic: orbax writes to a temporary
 folder and renames it when complete).
 
-Layout: `<workdir>/checkpoints/<step>/state/...`, one folder per saved step, the newest `keep`
-kept. The state is saved as a nested dict (`flax.serialization.to_state_dict`), so
-`load_adaptor_params` can read the parameters without knowing the model or optimizer.
+Layout: `<workdir>/checkpoints/<step>/{state,digest}/...`, one folder per saved step, the newest
+`keep` kept. `digest` holds a SHA-256 over every saved array (path, dtype, shape, bytes), checked
+on every restore, so a corrupted data file raises instead of restoring different numbers. The
+state is saved as a nested dict (`flax.serialization.to_state_dict`), so `load_adaptor_params`
+can read the parameters without knowing the model or optimizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,28 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's arrays do not match the digest saved with them."""
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 hex digest of a pytree's leaves: key path, dtype, shape and C-order bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _verify(tree: Any, saved: Any, where: Path) -> None:
+    digest = saved.get("sha256") if isinstance(saved, dict) else None
+    if digest != tree_digest(tree):
+        raise CheckpointCorruptError(
+            f"{where}: checkpoint data do not match their saved SHA-256 digest (corrupted file?)"
+        )
 
 
 class Checkpointer:
@@ -32,8 +57,12 @@ class Checkpointer:
 
     def save(self, step: int, state: Any) -> None:
         """Saves `state` as step `step` and waits until it is on disk."""
-        tree = serialization.to_state_dict(state)
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+        tree = jax.tree.map(np.asarray, serialization.to_state_dict(state))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),
+            digest=ocp.args.JsonSave({"sha256": tree_digest(tree)}),
+        )
+        self._manager.save(step, args=args)
         self._manager.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> Any:
@@ -45,9 +74,11 @@ class Checkpointer:
         target = jax.tree.map(
             ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(template)
         )
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), digest=ocp.args.JsonRestore()
         )
+        restored = self._manager.restore(step, args=args)
+        _verify(restored["state"], restored["digest"], self.directory / str(step))
         return serialization.from_state_dict(template, restored["state"])
 
     def close(self) -> None:
@@ -72,10 +103,12 @@ def load_adaptor_params(path: str | os.PathLike, step: int | None = None) -> dic
     if step is None:
         raise FileNotFoundError(f"{path}: no checkpoint steps found")
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), digest=ocp.args.JsonRestore())
+        restored = manager.restore(step, args=args)
     finally:
         manager.close()
     state = restored["state"]
+    _verify(state, restored["digest"], directory / str(step))
     if "params" not in state:
         raise KeyError(f"{directory}/{step}: checkpoint has no 'params' entry")
     return jax.tree.map(np.asarray, state["params"])
