@@ -235,3 +235,45 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     first, second = (c["score_split"] for c in per_class)
     assert first["_score_images"] == 2, first  # one executable per modality (16 and 32 channels)
     assert sum(second.values()) == 0, f"scoring the second class compiled {dict(second)}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="lsfa_jax/jobs/evaluate.py Adaptors.apply (lines 49-66) feeds the last, smaller batch "
+    "of a split unpadded to the jitted apply_adaptors, so every new remainder (split size mod "
+    "batch size) compiles the adaptors again; score_split pads, Adaptors.apply should too.",
+)
+def test_adaptors_apply_compiles_once_for_splits_of_different_sizes() -> None:
+    """Adapted features of two splits whose sizes leave different remainders modulo the batch
+    size (4 and 3 samples, batch 2): the second split must reuse the first one's executable."""
+    from lsfa_jax.features.cache import SplitFeatures
+    from lsfa_jax.jobs.evaluate import Adaptors
+    from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
+
+    patches, rgb_dim, xyz_dim = 4, 8, 12
+    model = LSFAModel(rgb_dim=rgb_dim, xyz_dim=xyz_dim, proj_dim=4, rgb_heads=2, xyz_heads=2)
+    cfg = ml_collections.ConfigDict(
+        dict(structure="encoder1", rgb_heads=2, xyz_heads=2, prepend_cls=False)
+    )
+    adaptors = Adaptors(init_lsfa_params(model, jax.random.key(0), patches), cfg)
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> SplitFeatures:
+        arrays = {
+            "rgb": rng.normal(size=(n, patches, rgb_dim)).astype(np.float32),
+            "xyz": rng.normal(size=(n, patches, xyz_dim)).astype(np.float32),
+            "rgb_cls": rng.normal(size=(n, rgb_dim)).astype(np.float32),
+        }
+        names = [f"s{i}" for i in range(n)]
+        return SplitFeatures(arrays, names, np.zeros(n, np.int32), ["good"] * n, Path("."))
+
+    first, second = split(4), split(3)
+    with compile_log() as log:
+        out = adaptors.apply(first, batch_size=2)
+        after_first = log.count("apply_adaptors")
+        out_second = adaptors.apply(second, batch_size=2)
+    assert out["xyz"].shape == (4, patches, xyz_dim)
+    assert out_second["rgb"].shape == (3, patches, rgb_dim)
+    assert after_first == 1
+    assert log.count("apply_adaptors") == after_first, log.names
