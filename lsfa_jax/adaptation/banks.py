@@ -8,7 +8,7 @@ Pushes keep static shapes: the caller passes every candidate row with a validity
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ class Bank(NamedTuple):
     count: jax.Array
 
 
-def init_bank(num_banks: int, size: int, dim: int, dtype=jnp.float32) -> Bank:
+def init_bank(num_banks: int, size: int, dim: int, dtype: Any = jnp.float32) -> Bank:
     """An empty bank of `num_banks` ring buffers, each (size, dim)."""
     if num_banks < 1 or size < 1 or dim < 1:
         raise ValueError(f"banks.py: bad bank shape ({num_banks}, {size}, {dim})")

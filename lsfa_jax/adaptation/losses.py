@@ -157,7 +157,9 @@ def rotation_loss(
     return loss * (2.0 * temperature) if scale_by_2t else loss
 
 
-def feature_distance(x: jax.Array, y: jax.Array, capped: bool = False, cap: float = 50.0):
+def feature_distance(
+    x: jax.Array, y: jax.Array, capped: bool = False, cap: float = 50.0
+) -> jax.Array:
     """L2 distance |x - y| over the last axis (differences, not the expansion).
 
     `capped`: the reference's sqrt(clip(d2, 1e-12, cap)) (gradient 0 beyond sqrt(cap)); otherwise
