@@ -27,9 +27,9 @@ from PIL import Image
 from configs.base import get_base_config
 from lsfa_jax import metrics
 from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
-from lsfa_jax.data import mvtec3d
-from lsfa_jax.features import backbones
-from lsfa_jax.jobs import run_job
+from lsfa_jax.data import mvtec3d, preprocess
+from lsfa_jax.features import backbones, fpfh
+from lsfa_jax.jobs import evaluate, run_job
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir, write_json_atomic
 from lsfa_jax.models import checkpoint_io, point_mae, vit
 from lsfa_jax.reports import tables
@@ -261,6 +261,22 @@ def test_cloud_with_fewer_points_than_groups_is_documented_and_finite() -> None:
     assert not np.any(foreground & ~reach)
 
 
+def test_cloud_that_is_only_the_support_plane_becomes_empty_and_is_named() -> None:
+    """Plane removal may leave nothing (documented: kept as an empty cloud, counted in the info);
+    the feature step then fails naming the sample instead of producing features of nothing."""
+    v, u = np.mgrid[0:32, 0:32].astype(np.float32)
+    xyz = np.stack([(u - 16) * 0.003, (v - 16) * 0.003, 0.6 + 0.001 * u], axis=-1)
+    rgb = np.full((32, 32, 3), 200, np.uint8)
+    out_xyz, out_rgb, info = preprocess.remove_support_plane(
+        xyz, rgb, preprocess.PlaneRemovalParams(), seed=0
+    )
+    assert info.skipped is None and info.num_kept == 0
+    assert not out_xyz.any() and not out_rgb.any()
+    assert xyz.any() and rgb.all()  # inputs are not modified
+    with pytest.raises(ValueError, match="test/good/000: fpfh_patch_features: no valid points"):
+        fpfh.fpfh_patch_features(out_xyz, name="test/good/000", grid_size=8)
+
+
 # --- ground-truth masks -------------------------------------------------------------------------
 
 
@@ -405,6 +421,30 @@ def test_adaptor_checkpoint_folder_missing_or_empty(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint steps found"):
         load_adaptor_params(tmp_path / "empty")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jobs/evaluate.py load_or_train_adaptors (mode=eval) applies the checkpoint with "
+    "config.adaptation, not the adaptation_config.json saved next to it; the fused qkv kernels "
+    "do not depend on the head count, so other rgb_heads/xyz_heads give silently wrong features",
+)
+def test_eval_with_a_checkpoint_trained_with_other_adaptor_settings(tmp_path: Path) -> None:
+    """mode=eval must not apply a checkpoint with head counts it was not trained with."""
+    checkpoints = tmp_path / "adaptation" / "checkpoints"
+    _saved_adaptor_checkpoint(checkpoints)
+    trained = get_base_config().adaptation
+    trained.rgb_heads = 2
+    (tmp_path / "adaptation" / "adaptation_config.json").write_text(trained.to_json())
+    config = get_base_config()
+    config.update(mode="eval", method="lsfa", checkpoint=str(checkpoints))
+    config.adaptation.rgb_heads = 4
+    try:
+        adaptors, _ = evaluate.load_or_train_adaptors(config, None, ("bagel",), tmp_path, None)
+    except ConfigError as error:
+        assert "rgb_heads" in str(error) and str(checkpoints) in str(error)
+    else:
+        assert adaptors.cfg.rgb_heads == 2
 
 
 # --- config -------------------------------------------------------------------------------------
