@@ -26,7 +26,11 @@ from PIL import Image
 
 from configs.base import get_base_config
 from lsfa_jax import metrics
-from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
+from lsfa_jax.adaptation.checkpointing import (
+    CheckpointCorruptError,
+    Checkpointer,
+    load_adaptor_params,
+)
 from lsfa_jax.data import mvtec3d, preprocess
 from lsfa_jax.features import backbones, fpfh
 from lsfa_jax.jobs import evaluate, run_job
@@ -395,24 +399,17 @@ def test_truncated_adaptor_checkpoint_raises_naming_the_folder(tmp_path: Path) -
         load_adaptor_params(directory)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adaptation/checkpointing.py stores no checksum: a bit flip inside an orbax data "
-    "file restores silently different parameters",
-)
 def test_bit_flip_in_adaptor_checkpoint_is_detected(tmp_path: Path) -> None:
+    """orbax's data files carry no checksum; the digest saved with each step catches this."""
     directory = tmp_path / "checkpoints"
-    params = _saved_adaptor_checkpoint(directory)
+    _saved_adaptor_checkpoint(directory)
     data = _largest_file(directory)
     content = bytearray(data.read_bytes())
     content[len(content) // 2] ^= 0xFF
     data.write_bytes(bytes(content))
-    try:
-        restored = load_adaptor_params(directory)["w"]
-    except Exception as error:  # any error is acceptable if it names the checkpoint
-        assert str(directory.resolve()) in str(error)
-    else:
-        np.testing.assert_array_equal(restored, params)
+    step_dir = directory.resolve() / "3"
+    with pytest.raises(CheckpointCorruptError, match=f"{step_dir}: checkpoint data do not match"):
+        load_adaptor_params(directory)
 
 
 def test_adaptor_checkpoint_folder_missing_or_empty(tmp_path: Path) -> None:
