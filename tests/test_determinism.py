@@ -8,6 +8,7 @@ threshold. What differs on GPU is in docs/what_happens_when.md.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,15 @@ def cached_features(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def checkpoint_params(workdir: Path) -> dict[str, np.ndarray]:
-    """step/leaf path -> adaptor parameters of every kept checkpoint."""
+    """step/leaf path -> adaptor parameters of every kept checkpoint, plus the SHA-256 of its
+    whole training state (optimizer, banks, rng) that the trainer saves with it."""
     directory = workdir / "adaptation" / "checkpoints"
     out = {}
     for step in sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()):
         params = load_adaptor_params(directory, step=step)
-        leaves = _flatten(params)
-        out.update({f"{step}/{k}": v for k, v in leaves.items()})
+        out.update({f"{step}/params{k}": v for k, v in _flatten(params).items()})
+        digest = json.loads((directory / str(step) / "digest" / "metadata").read_text())
+        out[f"{step}/state_sha256"] = np.asarray(digest["sha256"])
     return out
 
 
@@ -70,5 +73,5 @@ def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path: Path) -> None:
     # Training moved the parameters between the kept steps, so their equality is not trivial.
     step_ids = sorted({int(k.split("/")[0]) for k in steps})
     oldest, newest = step_ids[0], step_ids[-1]
-    leaves = [k.split("/", 1)[1] for k in steps if k.startswith(f"{oldest}/")]
+    leaves = [k.split("/", 1)[1] for k in steps if k.startswith(f"{oldest}/params")]
     assert any(not np.array_equal(steps[f"{oldest}/{k}"], steps[f"{newest}/{k}"]) for k in leaves)

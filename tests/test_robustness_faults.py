@@ -131,7 +131,8 @@ def kill_at(process: subprocess.Popen, log: Path, marker: str, delay: float) -> 
 
 
 def run_outputs(workdir: Path) -> dict[str, object]:
-    """What a run produces: scores, metrics, thresholds, banks and the final adaptor params."""
+    """What a run produces: scores, metrics, thresholds, banks, the final adaptor params and the
+    digest of the final training state."""
     outputs: dict[str, object] = {
         name: (workdir / name).read_text()
         for name in (
@@ -144,7 +145,12 @@ def run_outputs(workdir: Path) -> dict[str, object]:
     for modality in ("rgb", "xyz"):
         with np.load(workdir / "model" / "box" / f"{modality}.npz") as bank:
             outputs.update({f"bank/{modality}/{k}": bank[k] for k in bank.files})
-    params = load_adaptor_params(workdir / "adaptation" / "checkpoints")
+    checkpoints = workdir / "adaptation" / "checkpoints"
+    params = load_adaptor_params(checkpoints)
+    # The SHA-256 the trainer stores with each step covers the whole TrainState (optimizer,
+    # banks, rng, data position), not only the parameters.
+    last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    outputs["state_digest"] = (checkpoints / str(last) / "digest" / "metadata").read_text()
     flat = {"/".join(str(k) for k in path): leaf for path, leaf in _leaves(params)}
     outputs.update({f"params/{k}": v for k, v in flat.items()})
     return outputs
