@@ -283,6 +283,36 @@ def test_feature_cache_ignores_what_a_sigkill_leaves(
     assert entry.path.name == f"box-train-{key}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="features/cache.py split_features: os.replace(tmp, final) raises OSError (directory "
+    "not empty) when another run sharing cache_dir finished the same entry first",
+)
+def test_feature_cache_entry_finished_meanwhile_by_another_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs with one --config.cache_dir compute the same entry; the later one must not fail."""
+    batches = _batches()
+    prepared = _fake_prepared(monkeypatch, batches)
+
+    def extract(batch: dict) -> dict:
+        if not (tmp_path / "other").exists():  # the other run completes the entry now
+            (tmp_path / "other").mkdir()
+            cache.split_features(
+                lambda b: {"xyz": b["xyz"]}, "fp", prepared, "box", "train", tmp_path / "other"
+            )
+            key = cache.entry_key("fp", prepared["box"], "box", "train")
+            os.replace(
+                tmp_path / "other" / "features" / f"box-train-{key}",
+                tmp_path / "features" / f"box-train-{key}",
+            )
+        return {"xyz": batch["xyz"]}
+
+    entry = cache.split_features(extract, "fp", prepared, "box", "train", tmp_path, batch_size=2)
+    np.testing.assert_array_equal(entry.arrays["xyz"], np.concatenate([b["xyz"] for b in batches]))
+    assert [p.name for p in (tmp_path / "features").iterdir()] == [entry.path.name]
+
+
 def test_prepare_redoes_a_build_killed_midway(synthetic_root: Path, tmp_path: Path) -> None:
     """A TFDS build killed before its rename leaves `incomplete.*`; the next run rebuilds."""
     data_cfg = ml_collections.ConfigDict(
