@@ -56,13 +56,23 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix: np.asarray(tree)}
 
 
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 @pytest.mark.slow
 def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path: Path) -> None:
     config_path, config = write_tiny_config(tmp_path)
     raw = generate_raw(tmp_path, config)
+    raw_before = _snapshot(raw)
     runs = [start_run(config_path, raw, tmp_path / name) for name in ("first", "second")]
     for process, log in runs:
         finish(process, log)
+    assert _snapshot(raw) == raw_before  # the input dataset is never modified
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert_same_outputs(run_outputs(first), run_outputs(second))
