@@ -336,7 +336,9 @@ def write_summary(out: Path, machine: dict, peak: dict, runs: dict, quick: bool)
         run = runs[name]
         lines += ["", f"## {title}", "", f"Command: `{run['command']}` ({run['seconds']:.0f} s)"]
         body = make(run) if run["status"] == 0 else []
-        if run["status"] != 0:
+        if run["status"] == "not run":
+            lines += ["", "Not run in this invocation (`--only`)."]
+        elif run["status"] != 0:
             lines += ["", f"**FAILED** (status {run['status']}); see raw/{name}.txt."]
         elif not body:
             lines += ["", f"**No figures found in the output**; see raw/{name}.txt."]
