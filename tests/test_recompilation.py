@@ -237,13 +237,6 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     assert sum(second.values()) == 0, f"scoring the second class compiled {dict(second)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="lsfa_jax/jobs/evaluate.py Adaptors.apply (lines 49-66) feeds the last, smaller batch "
-    "of a split unpadded to the jitted apply_adaptors, so every new remainder (split size mod "
-    "batch size) compiles the adaptors again; score_split pads, Adaptors.apply should too.",
-)
 def test_adaptors_apply_compiles_once_for_splits_of_different_sizes() -> None:
     """Adapted features of two splits whose sizes leave different remainders modulo the batch
     size (4 and 3 samples, batch 2): the second split must reuse the first one's executable."""

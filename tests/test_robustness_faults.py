@@ -283,11 +283,6 @@ def test_feature_cache_ignores_what_a_sigkill_leaves(
     assert entry.path.name == f"box-train-{key}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="features/cache.py split_features: os.replace(tmp, final) raises OSError (directory "
-    "not empty) when another run sharing cache_dir finished the same entry first",
-)
 def test_feature_cache_entry_finished_meanwhile_by_another_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

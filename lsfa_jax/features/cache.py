@@ -124,7 +124,13 @@ def split_features(
         meta["arrays"] = sorted(arrays)
         del arrays
         (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another run sharing this cache finished the same entry first: use its copy.
+            if not (final / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

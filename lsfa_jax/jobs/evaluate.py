@@ -9,6 +9,7 @@ two modalities' scores after normalising each with statistics of the normal vali
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -47,23 +48,67 @@ class Adaptors:
         self.cfg = cfg
 
     def apply(self, split: SplitFeatures, batch_size: int) -> dict[str, np.ndarray]:
-        """Adapted rgb and xyz features of a whole split, (N, P, C) float32 each."""
-        rgb, xyz = [], []
-        for start in range(0, len(split), batch_size):
-            stop = start + batch_size
+        """Adapted rgb and xyz features of a whole split, (N, P, C) float32 each.
+
+        Every call sees a full batch (the last one is padded by repeating its final sample), so
+        the jitted adaptors compile once whatever the split size; results are written into
+        preallocated arrays rather than concatenated, so the library is held once.
+        """
+        count = len(split)
+        out = {m: np.empty((count, *split.arrays[m].shape[1:]), np.float32) for m in ("rgb", "xyz")}
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            chunk = {m: np.asarray(split.arrays[m][start:stop]) for m in ("rgb", "rgb_cls", "xyz")}
+            if stop - start < batch_size:
+                pad = batch_size - (stop - start)
+                chunk = {
+                    m: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for m, v in chunk.items()
+                }
             out_rgb, out_xyz = apply_adaptors(
                 self.params,
-                jnp.asarray(split.arrays["rgb"][start:stop]),
-                jnp.asarray(split.arrays["xyz"][start:stop]),
-                jnp.asarray(split.arrays["rgb_cls"][start:stop]),
+                jnp.asarray(chunk["rgb"]),
+                jnp.asarray(chunk["xyz"]),
+                jnp.asarray(chunk["rgb_cls"]),
                 structure=self.cfg.structure,
                 rgb_heads=self.cfg.rgb_heads,
                 xyz_heads=self.cfg.xyz_heads,
                 prepend_cls=bool(self.cfg.prepend_cls),
             )
-            rgb.append(np.asarray(out_rgb))
-            xyz.append(np.asarray(out_xyz))
-        return {"rgb": np.concatenate(rgb), "xyz": np.concatenate(xyz)}
+            out["rgb"][start:stop] = np.asarray(out_rgb)[: stop - start]
+            out["xyz"][start:stop] = np.asarray(out_xyz)[: stop - start]
+        return out
+
+
+def trained_adaptation_config(
+    checkpoint: str, config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """The adaptation settings a checkpoint was trained with (`adaptation_config.json`, saved by
+    training next to the checkpoints folder); the fused qkv kernels do not depend on the head
+    count, so applying a checkpoint with other settings would silently change the features."""
+    path = Path(checkpoint).resolve()
+    candidates = [
+        path.parent / "adaptation_config.json",
+        path.parent.parent / "adaptation_config.json",
+    ]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise ConfigError(
+            f"{checkpoint}: no adaptation_config.json beside the checkpoints folder; cannot tell "
+            "which adaptor structure and head counts it was trained with"
+        )
+    trained = ml_collections.ConfigDict(json.loads(found.read_text()))
+    cfg = ml_collections.ConfigDict(config.adaptation.to_dict())
+    for key in ("structure", "rgb_heads", "xyz_heads", "prepend_cls"):
+        if cfg[key] != trained[key]:
+            logging.warning(
+                "%s: using %s=%r from the checkpoint's training config (config says %r)",
+                checkpoint,
+                key,
+                trained[key],
+                cfg[key],
+            )
+        cfg[key] = trained[key]
+    return cfg
 
 
 def split_arrays(
@@ -160,7 +205,8 @@ def load_or_train_adaptors(
             raise ConfigError("mode=eval with method=lsfa needs --config.checkpoint=<folder>")
         logging.info("Loading adaptors from %s", config.checkpoint)
         params = load_adaptor_params(config.checkpoint)
-        return Adaptors(params, config.adaptation), str(config.checkpoint)
+        cfg = trained_adaptation_config(config.checkpoint, config)
+        return Adaptors(params, cfg), str(config.checkpoint)
     train = [source.split(c, "train") for c in classes]
     with manifest.stage("adaptation"):
         params, cfg = train_lsfa(config, train, workdir)

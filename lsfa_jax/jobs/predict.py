@@ -30,7 +30,13 @@ from lsfa_jax.data import mvtec3d, prepare, preprocess
 from lsfa_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from lsfa_jax.features.cache import SplitFeatures
 from lsfa_jax.jobs.common import ConfigError, write_json_atomic
-from lsfa_jax.jobs.evaluate import FUSED, SETTING_OF_MODALITY, Adaptors, score_split
+from lsfa_jax.jobs.evaluate import (
+    FUSED,
+    SETTING_OF_MODALITY,
+    Adaptors,
+    score_split,
+    trained_adaptation_config,
+)
 from lsfa_jax.jobs.features import feature_source
 from lsfa_jax.jobs.model_store import load_bank, load_model_info
 from lsfa_jax.reports import atomic_write_text, overlays
@@ -123,7 +129,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     arrays = {m: features[m] for m in source.modalities}
     if info["method"] == "lsfa":
         params = load_adaptor_params(info["adaptors"])
-        arrays = Adaptors(params, config.adaptation).apply(split, config.batch_size)
+        cfg = trained_adaptation_config(info["adaptors"], config)
+        arrays = Adaptors(params, cfg).apply(split, config.batch_size)
 
     settings = {}
     for modality in source.modalities:
