@@ -46,11 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.adaptation.xyz_heads = 4
     config.adaptation.proj_dim = 128
     config.adaptation.batch_size = 4
-    config.adaptation.num_epochs = 2
-    config.adaptation.warmup_steps = 4
-    config.adaptation.local_bank_size = 20_000
+    config.adaptation.num_steps = 8  # a short run keeps `make demo` at a few minutes on 2 cores
+    config.adaptation.warmup_steps = 2
+    config.adaptation.local_bank_size = 8192
     config.adaptation.global_bank_size = 32
-    config.adaptation.checkpoint_every = 10
+    config.adaptation.checkpoint_every = 4
     config.adaptation.log_every = 2
     config.batch_size = 4
     return config

@@ -33,7 +33,7 @@ from lsfa_jax.models.adaptors import apply_adaptors
 from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
-from lsfa_jax.reports import overlays, plots, tables
+from lsfa_jax.reports import atomic_write_text, overlays, plots, tables
 from lsfa_jax.reports.manifest import RunManifest
 
 SETTING_OF_MODALITY = {"rgb": "RGB", "xyz": "3D"}
@@ -193,6 +193,47 @@ def fuse(
     return scores, maps, val_scores, info
 
 
+def per_defect_metrics(
+    defect_types: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray,
+) -> dict[str, dict[str, float]]:
+    """I-AUROC and AUPRO@0.3 of the good test samples against each defect type alone."""
+    out = {}
+    for defect in sorted(set(defect_types[labels == 1].tolist())):
+        keep = (labels == 0) | (defect_types == defect)
+        if not np.any(labels[keep] == 0):
+            continue
+        out[defect] = {
+            "i_auroc": metrics.image_auroc(labels[keep], scores[keep]),
+            "aupro_30": metrics.aupro(masks[keep], maps[keep], 0.3),
+            "n": int(np.sum(defect_types == defect)),
+        }
+    return out
+
+
+def write_per_defect(per_defect: dict, out_dir: Path) -> Path:
+    """results/per_defect.{json,md}: {class: {setting: {defect: metrics}}}."""
+    write_json_atomic(out_dir / "per_defect.json", per_defect)
+    lines = ["# Per defect type (good test samples vs one defect type)", ""]
+    lines += [
+        "| class | setting | defect type | n | I-AUROC | AUPRO@0.3 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for class_name, settings in per_defect.items():
+        for setting, defects in settings.items():
+            for defect, values in defects.items():
+                lines.append(
+                    f"| {class_name} | {setting} | {defect} | {values['n']} | "
+                    f"{values['i_auroc']:.3f} | {values['aupro_30']:.3f} |"
+                )
+    path = out_dir / "per_defect.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def load_or_train_adaptors(
     config: ml_collections.ConfigDict,
     source: FeatureSource,
@@ -278,9 +319,13 @@ def evaluate_one_class(
         settings[FUSED] = (scores, maps)
         val_settings[FUSED] = val_scores
 
-    result = {"metrics": {}, "notes": {}, "thresholds": {}, "curves": {}}
+    result = {"metrics": {}, "notes": {}, "thresholds": {}, "curves": {}, "per_defect": {}}
+    defect_types = np.asarray(splits["test"].defect_type)
     for setting, (scores, maps) in settings.items():
         class_metrics = metrics.evaluate_class(labels, scores, images["mask"], maps)
+        result["per_defect"][setting] = per_defect_metrics(
+            defect_types, labels, scores, images["mask"], maps
+        )
         result["metrics"][setting] = class_metrics.values()
         result["notes"][setting] = list(class_metrics.notes)
         threshold = fusion.calibrate_threshold(
@@ -370,11 +415,13 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     results: dict = {}
     notes: dict = {}
     thresholds: dict = {}
+    per_defect: dict = {}
     for index, class_name in enumerate(classes):
         with manifest.stage(f"evaluate/{class_name}"):
             result = evaluate_one_class(
                 config, index, class_name, source, adaptors, padded, workdir
             )
+        per_defect[class_name] = result["per_defect"]
         for setting, values in result["metrics"].items():
             results.setdefault(setting, {})[class_name] = values
             notes.setdefault(setting, {})[class_name] = result["notes"][setting]
@@ -400,6 +447,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         dataset=config.data.name,
     )
     tables.write_threshold_table(thresholds, workdir / "results", dataset=config.data.name)
+    write_per_defect(per_defect, workdir / "results")
     manifest.write(workdir / "results" / "manifest.json")
     print(tables.format_console_table(results, notes=notes, dataset=config.data.name))
     random_note = ""
