@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_robustness_faults import generate_raw, write_tiny_config
 
 from lsfa_jax.jobs import run_job
-from tests.test_robustness_faults import generate_raw, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
