@@ -52,7 +52,7 @@ def pack_valid_points(organized: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
     return points, order, point_mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) averaging matrix of PyTorch's AdaptiveAvgPool1d.
 
@@ -66,7 +66,7 @@ def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def box_pool_matrix(in_size: int, kernel: int = 3) -> np.ndarray:
     """(in_size - kernel + 1, in_size) matrix of a 1-D average pool, stride 1, no padding."""
     out_size = in_size - kernel + 1
@@ -76,7 +76,7 @@ def box_pool_matrix(in_size: int, kernel: int = 3) -> np.ndarray:
     return matrix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grid_projection_matrix(image_size: int, grid_size: int) -> np.ndarray:
     """(grid_size, image_size) float32: the 3x3 box pool then the adaptive pool along one axis."""
     box = box_pool_matrix(image_size, 3)
@@ -89,9 +89,7 @@ def pixel_image_to_grid(image: jax.Array, grid_size: int = 56) -> jax.Array:
     height, width, channels = image.shape
     rows = jnp.asarray(grid_projection_matrix(height, grid_size))
     cols = jnp.asarray(grid_projection_matrix(width, grid_size))
-    grid = jnp.einsum(
-        "ih,hwc,jw->ijc", rows, image, cols, precision=jax.lax.Precision.HIGHEST
-    )
+    grid = jnp.einsum("ih,hwc,jw->ijc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
     return grid.reshape(grid_size * grid_size, channels)
 
 
@@ -121,8 +119,10 @@ def project_points_to_grid(
     values = jnp.where(point_mask[:, None], point_features, 0.0)
     image = jnp.zeros((height * width, channels), point_features.dtype)
     image = image.at[pixel_index].add(values).reshape(height, width, channels)
-    counts = jnp.zeros((height * width,), jnp.float32).at[pixel_index].add(
-        point_mask.astype(jnp.float32)
+    counts = (
+        jnp.zeros((height * width,), jnp.float32)
+        .at[pixel_index]
+        .add(point_mask.astype(jnp.float32))
     )
     patch_features = pixel_image_to_grid(image, grid_size)
     coverage = pixel_image_to_grid(counts.reshape(height, width, 1), grid_size)[:, 0]
