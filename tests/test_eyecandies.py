@@ -178,3 +178,25 @@ def test_missing_files_and_bad_destination_are_named(tmp_path):
     flat = tmp_path / "flat.yaml"
     flat.write_text("depth_min: 0.25\ndepth_max: 0.75\n")
     assert ec.read_depth_range(flat) == (0.25, 0.75)
+
+
+def test_eyecandies_config_prepares_through_the_mvtec_pipeline(tmp_path):
+    from configs.eyecandies import get_config
+    from lsfa_jax.data import pipeline, prepare
+
+    src = tmp_path / "eyecandies"
+    _make_dataset(src)
+    before = _hashes(src)
+    config = get_config()
+    config.data_dir = str(src)
+    config.data.classes = "CandyCane"
+    config.data.image_size = 8
+    config.data.num_workers = 1
+    prepared = prepare.prepare_dataset(config.data, tmp_path / "cache")
+    batch = next(pipeline.make_batches(prepared, "CandyCane", "test", 8))
+    assert batch["xyz"].shape == (3, 8, 8, 3)
+    assert batch["label"].tolist() == [1, 1, 0]  # test/bad (2 samples) then test/good
+    assert pipeline.num_examples(prepared, "CandyCane", "train") == 2
+    assert _hashes(src) == before
+    # A second call reuses the conversion and the prepared data.
+    assert prepare.prepare_dataset(config.data, tmp_path / "cache") == prepared

@@ -20,7 +20,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lsfa_jax.data import mvtec3d, preprocess, synthetic, tfds_builders
+from lsfa_jax.data import eyecandies, mvtec3d, preprocess, synthetic, tfds_builders
 
 # Bump when a change in this package changes the prepared arrays.
 CODE_VERSION = 1
@@ -43,6 +43,8 @@ def resolve_classes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         known = mvtec3d.MVTEC3D_CLASSES
     elif data_cfg.name == "synthetic":
         known = synthetic_config(data_cfg).classes
+    elif data_cfg.name == "eyecandies":
+        known = eyecandies.EYECANDIES_CLASSES
     else:
         raise ValueError(f"unknown dataset name {data_cfg.name!r}; expected mvtec3d or synthetic")
     classes = data_cfg.classes
@@ -86,6 +88,22 @@ def _write_json_atomic(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def converted_eyecandies(src: Path, dst: Path, classes: tuple[str, ...]) -> Path:
+    """Eyecandies in the MVTec 3D-AD layout under `dst`, converted once per class.
+
+    A class counts as converted only when its marker file exists (written last), so an
+    interrupted conversion is redone.
+    """
+    for class_name in classes:
+        marker = dst / class_name / "CONVERTED.json"
+        if marker.is_file():
+            continue
+        logging.info("eyecandies/%s: converting %s to the MVTec layout in %s", class_name, src, dst)
+        counts = eyecandies.convert_eyecandies(src, dst, (class_name,))
+        _write_json_atomic(marker, {"source": str(src.resolve()), "counts": counts})
+    return dst
+
+
 def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) -> dict[str, str]:
     """Prepares every class of `config.data` (or finds it in the cache).
 
@@ -105,9 +123,13 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
             logging.info("generating the synthetic dataset in %s", raw_root)
             synthetic.generate_dataset(raw_root, syn, num_workers=workers)
     elif not raw_root.is_dir():
-        raise mvtec3d.DataError(f"{raw_root}: MVTec 3D-AD folder not found (config.data.data_dir)")
+        raise mvtec3d.DataError(f"{raw_root}: dataset folder not found (config.data.data_dir)")
+    if data_cfg.name == "eyecandies":
+        raw_root = converted_eyecandies(raw_root, Path(cache_dir) / "eyecandies_mvtec", classes)
 
-    builder_cls = tfds_builders.BUILDERS[data_cfg.name]
+    builder_cls = tfds_builders.BUILDERS[
+        "mvtec3d" if data_cfg.name == "eyecandies" else data_cfg.name
+    ]
     prepared = {}
     with contextlib.ExitStack() as stack:
         pool = None

@@ -1,0 +1,21 @@
+"""Eyecandies (paper Table 3): converted once to the MVTec 3D-AD layout under the cache, then the
+same pipeline as MVTec 3D-AD.
+
+  python main.py --config=configs/eyecandies.py --config.data_dir=data/eyecandies \\
+      --config.rgb_weights=... --config.point_weights=...
+
+The conversion (lsfa_jax/data/eyecandies.py) back-projects the depth maps with the dataset's
+intrinsics and removes the background itself, so support-plane removal is off.
+"""
+
+import ml_collections
+
+from configs.base import get_base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = get_base_config()
+    config.data.name = "eyecandies"
+    config.data_dir = "data/eyecandies"
+    config.data.preprocess = False
+    return config
