@@ -183,11 +183,6 @@ def test_bad_file_in_a_prepare_run_names_the_file(bagel_root: Path, tmp_path: Pa
         run_job(_prepare_config(bagel_root), tmp_path / "work")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.skip_bad_samples is not implemented: prepare_dataset/_generate_examples "
-    "raise on the first bad file instead of skipping and reporting all of them at the end",
-)
 def test_skip_bad_samples_reports_every_bad_file_once(
     bagel_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -55,6 +55,11 @@ class SampleFiles:
     gt_path: Path | None
 
 
+def _detail(error: Exception, path: Path) -> str:
+    """The library's error text without the path (the message names the file once, first)."""
+    return str(error).replace(str(path), Path(path).name)
+
+
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise DataError(f"{path}: {what} folder not found")
@@ -129,7 +134,7 @@ def _open_image(path: Path, modes: frozenset[str], target_mode: str) -> np.ndarr
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})") from e
+        raise DataError(f"{path}: unreadable or truncated image ({_detail(e, path)})") from e
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -147,7 +152,7 @@ def read_xyz_counted(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         xyz = tifffile.imread(path)
     except Exception as e:  # tifffile raises many types for damaged files
-        raise DataError(f"{path}: unreadable or truncated tiff ({e})") from e
+        raise DataError(f"{path}: unreadable or truncated tiff ({_detail(e, path)})") from e
     if xyz.ndim != 3 or xyz.shape[-1] != 3:
         raise DataError(f"{path}: expected an organized cloud (H, W, 3), got shape {xyz.shape}")
     if xyz.dtype not in (np.float32, np.float64):

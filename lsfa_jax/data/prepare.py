@@ -69,6 +69,7 @@ def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
         plane=dataclasses.asdict(plane) if plane is not None else None,
         seed=int(data_cfg.seed),
         synthetic=synthetic_config(data_cfg).to_json() if data_cfg.name == "synthetic" else None,
+        skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)),
         code_version=CODE_VERSION,
     )
 
@@ -123,7 +124,8 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
             logging.info("generating the synthetic dataset in %s", raw_root)
             synthetic.generate_dataset(raw_root, syn, num_workers=workers)
     elif not raw_root.is_dir():
-        raise mvtec3d.DataError(f"{raw_root}: dataset folder not found (config.data.data_dir)")
+        label = "MVTec 3D-AD" if data_cfg.name == "mvtec3d" else "Eyecandies"
+        raise mvtec3d.DataError(f"{raw_root}: {label} folder not found (config.data.data_dir)")
     if data_cfg.name == "eyecandies":
         raw_root = converted_eyecandies(raw_root, Path(cache_dir) / "eyecandies_mvtec", classes)
 
@@ -145,6 +147,7 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
                 image_size=key["image_size"],
                 plane=plane_params(data_cfg),
                 seed=key["seed"],
+                skip_bad_samples=key["skip_bad_samples"],
             )
             builder = builder_cls(config=config, data_dir=entry)
             if (Path(builder.data_dir) / "dataset_info.json").is_file():

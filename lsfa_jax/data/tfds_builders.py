@@ -38,6 +38,17 @@ class PreparedConfig(tfds.core.BuilderConfig):
         default_factory=preprocess.PlaneRemovalParams
     )
     seed: int = 0
+    skip_bad_samples: bool = False
+
+
+def _prepare_or_error(
+    files: mvtec3d.SampleFiles, image_size: int, params, seed: int
+) -> preprocess.PreparedSample | tuple[mvtec3d.SampleFiles, str]:
+    """`prepare_sample`, with a bad file returned as (files, message) instead of raised."""
+    try:
+        return preprocess.prepare_sample(files, image_size, params, seed)
+    except mvtec3d.DataError as error:
+        return files, str(error)
 
 
 def resolve_workers(num_workers: int) -> int:
@@ -56,9 +67,10 @@ def _prepared_samples(
     pool: multiprocessing.pool.Pool | None,
     desc: str,
 ) -> Iterator[preprocess.PreparedSample]:
-    """Prepares samples in order, in `pool` when given."""
+    """Prepares samples in order, in `pool` when given; with `config.skip_bad_samples` a bad
+    sample comes back as (files, message)."""
     work = functools.partial(
-        preprocess.prepare_sample,
+        _prepare_or_error if config.skip_bad_samples else preprocess.prepare_sample,
         image_size=config.image_size,
         params=config.plane,
         seed=config.seed,
@@ -132,8 +144,11 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, samples: list[mvtec3d.SampleFiles], split: str):
         config = self.builder_config
         desc = f"{self.name}/{config.class_name}/{split}"
-        skipped, unclustered, nonfinite = [], [], 0
+        skipped, unclustered, nonfinite, bad = [], [], 0, []
         for key, prepared in enumerate(_prepared_samples(samples, config, self._pool, desc)):
+            if isinstance(prepared, tuple):
+                bad.append(prepared)
+                continue
             files = prepared.files
             nonfinite += prepared.num_nonfinite
             info = prepared.plane_info
@@ -152,6 +167,16 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "class": files.class_name,
                     "file_id": files.file_id,
                 },
+            )
+        if bad:
+            counts = self.info.metadata["counts"][split]
+            for files, _ in bad:
+                counts[files.defect_type] -= 1
+            logging.warning(
+                "%s: skipped %d bad samples (config.skip_bad_samples=True):\n%s",
+                desc,
+                len(bad),
+                "\n".join(message for _, message in bad),
             )
         if skipped:
             logging.warning(

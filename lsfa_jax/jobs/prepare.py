@@ -9,12 +9,14 @@ from absl import logging
 
 from lsfa_jax.data import pipeline, prepare
 from lsfa_jax.jobs.common import cache_dir, selected_classes
+from lsfa_jax.reports import atomic_write_text
 
 
 def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, str]:
     """class -> prepared dataset folder, for the configured classes."""
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     data_cfg.classes = ",".join(selected_classes(config))
+    data_cfg.skip_bad_samples = bool(config.skip_bad_samples)
     return prepare.prepare_dataset(data_cfg, cache_dir(config, workdir))
 
 
@@ -33,7 +35,7 @@ def run_prepare(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, s
     prepared = prepared_dataset(config, workdir)
     table = summary_table(prepared)
     out = workdir / "dataset_summary.md"
-    out.write_text(table + "\n")
+    atomic_write_text(out, table + "\n")
     print(table)
     logging.info("Prepared %d classes; summary written to %s", len(prepared), out)
     return prepared
