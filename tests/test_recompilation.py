@@ -211,6 +211,7 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     class's executables."""
     from lsfa_jax.jobs import evaluate
 
+    jax.clear_caches()  # earlier tests in this process may have compiled the same shapes
     config = _tiny_evaluation_config(tmp_path / "raw")
     per_class: list[dict] = []
     original_score_split = evaluate.score_split
