@@ -30,7 +30,7 @@ from lsfa_jax.jobs.model_store import save_bank, save_model_info
 from lsfa_jax.jobs.prepare import prepared_dataset
 from lsfa_jax.jobs.train import train_lsfa
 from lsfa_jax.models.adaptors import apply_adaptors
-from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank
+from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, padded_bank_size
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
 from lsfa_jax.reports import atomic_write_text, overlays, plots, tables
@@ -257,7 +257,7 @@ def load_or_train_adaptors(
 def bank_padded_size(source: FeatureSource, classes, ratio: float) -> int:
     """One padded bank size for every class, so the scorer compiles once per modality."""
     rows = [len(source.split(c, "train")) * source.config.grid_size**2 for c in classes]
-    return -(-coreset_size(max(rows), ratio) // 4096) * 4096
+    return padded_bank_size(coreset_size(max(rows), ratio), 4096)
 
 
 def evaluate_one_class(
