@@ -8,6 +8,7 @@ preprocessing (M3DM utils/preprocess_eyecandies.py) step by step with per-pixel 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -328,5 +329,8 @@ def test_eyecandies_config_prepares_through_the_mvtec_pipeline(tmp_path):
     np.testing.assert_array_equal(nonzero, np.all(xyz != 0, axis=-1))
     assert pipeline.num_examples(prepared, "CandyCane", "train") == 2
     assert _hashes(src) == before
+    marker = tmp_path / f"cache/eyecandies_mvtec-{ec.CONVERSION}/CandyCane/CONVERTED.json"
+    assert json.loads(marker.read_text())["conversion"] == ec.CONVERSION
+    assert prepare.cache_key(config.data, "CandyCane")["eyecandies_conversion"] == ec.CONVERSION
     # A second call reuses the conversion and the prepared data.
     assert prepare.prepare_dataset(config.data, tmp_path / "cache") == prepared

@@ -48,13 +48,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tifffile
 import yaml
 from PIL import Image
+
+from lsfa_jax.atomic_io import atomic_write_bytes
 
 EYECANDIES_CLASSES = (
     "CandyCane",
@@ -68,6 +69,8 @@ EYECANDIES_CLASSES = (
     "Marshmallow",
     "PeppermintCandy",
 )
+# Names the conversion in cache paths and keys; bump when the converted files change.
+CONVERSION = "m3dm1"
 FOCAL_LENGTH = 711.11
 DEPTH_PNG_MAX = 65535.0
 RGB_SUFFIX = "_image_4.png"
@@ -87,18 +90,6 @@ class BackgroundRule:
     min_height: float = -0.02  # background when y' > min_height
     max_along: float = 1.8  # background when z' > max_along
     max_abs_x: float = 1.0  # background when |x'| > max_abs_x
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _open_png(path: str | os.PathLike) -> Image.Image:
@@ -284,10 +275,10 @@ def _tiff_bytes(xyz: np.ndarray) -> bytes:
 
 
 def _write_sample(dst: Path, out_id: str, sample: dict, write_gt: bool) -> None:
-    _atomic_write(dst / "rgb" / f"{out_id}.png", sample["rgb_png"])
-    _atomic_write(dst / "xyz" / f"{out_id}.tiff", _tiff_bytes(sample["xyz"]))
+    atomic_write_bytes(dst / "rgb" / f"{out_id}.png", sample["rgb_png"])
+    atomic_write_bytes(dst / "xyz" / f"{out_id}.tiff", _tiff_bytes(sample["xyz"]))
     if write_gt:
-        _atomic_write(dst / "gt" / f"{out_id}.png", _png_bytes(sample["mask"] * np.uint8(255)))
+        atomic_write_bytes(dst / "gt" / f"{out_id}.png", _png_bytes(sample["mask"] * np.uint8(255)))
 
 
 def _output_ids(data_dir: Path, ids: list[str]) -> list[str]:

@@ -12,14 +12,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
+from lsfa_jax.atomic_io import atomic_write_json
 from lsfa_jax.data import eyecandies, mvtec3d, preprocess, synthetic, tfds_builders
 
 # Bump when a change in this package changes the prepared arrays.
@@ -60,7 +59,7 @@ def resolve_classes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
 def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
     """Everything the prepared arrays of one class depend on (JSON-serialisable)."""
     plane = plane_params(data_cfg)
-    return dict(
+    key = dict(
         kind=data_cfg.name,
         class_name=class_name,
         data_dir=str(Path(data_cfg.data_dir).resolve()),
@@ -72,6 +71,10 @@ def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
         skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)),
         code_version=CODE_VERSION,
     )
+    if data_cfg.name == "eyecandies":
+        # Only Eyecandies keys carry it, so MVTec 3D-AD cache entries keep their digests.
+        key["eyecandies_conversion"] = eyecandies.CONVERSION
+    return key
 
 
 def key_digest(key: dict) -> str:
@@ -82,18 +85,12 @@ def cache_entry(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / "prepared" / f"{key['kind']}-{key['class_name']}-{key_digest(key)}"
 
 
-def _write_json_atomic(path: Path, content: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def converted_eyecandies(src: Path, dst: Path, classes: tuple[str, ...]) -> Path:
     """Eyecandies in the MVTec 3D-AD layout under `dst`, converted once per class.
 
     A class counts as converted only when its marker file exists (written last), so an
-    interrupted conversion is redone.
+    interrupted conversion is redone. `dst` should name the conversion
+    (`eyecandies.CONVERSION`) so that a changed conversion never reuses older files.
     """
     for class_name in classes:
         marker = dst / class_name / "CONVERTED.json"
@@ -101,7 +98,11 @@ def converted_eyecandies(src: Path, dst: Path, classes: tuple[str, ...]) -> Path
             continue
         logging.info("eyecandies/%s: converting %s to the MVTec layout in %s", class_name, src, dst)
         counts = eyecandies.convert_eyecandies(src, dst, (class_name,))
-        _write_json_atomic(marker, {"source": str(src.resolve()), "counts": counts})
+        atomic_write_json(
+            marker,
+            {"source": str(src.resolve()), "conversion": eyecandies.CONVERSION, "counts": counts},
+            sort_keys=True,
+        )
     return dst
 
 
@@ -127,7 +128,8 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
         label = "MVTec 3D-AD" if data_cfg.name == "mvtec3d" else "Eyecandies"
         raise mvtec3d.DataError(f"{raw_root}: {label} folder not found (config.data.data_dir)")
     if data_cfg.name == "eyecandies":
-        raw_root = converted_eyecandies(raw_root, Path(cache_dir) / "eyecandies_mvtec", classes)
+        converted = Path(cache_dir) / f"eyecandies_mvtec-{eyecandies.CONVERSION}"
+        raw_root = converted_eyecandies(raw_root, converted, classes)
 
     builder_cls = tfds_builders.BUILDERS[
         "mvtec3d" if data_cfg.name == "eyecandies" else data_cfg.name
@@ -139,7 +141,7 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
             key = cache_key(data_cfg, class_name)
             entry = cache_entry(cache_dir, key)
             entry.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(entry / "key.json", key)
+            atomic_write_json(entry / "key.json", key, sort_keys=True)
             config = tfds_builders.PreparedConfig(
                 # TFDS reserves the plain class names for the default configs.
                 name=f"{class_name}_{key_digest(key)}",
