@@ -1,11 +1,16 @@
 """PatchCore on one modality: normalisation, greedy coreset, memory bank, kNN scoring, maps."""
 
-from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank
+from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, with_search_index
 from lsfa_jax.patchcore.coreset import coreset_size, greedy_coreset
+from lsfa_jax.patchcore.knn import (
+    SearchIndex,
+    nearest_neighbours,
+    screened_nearest_neighbour,
+    search_index,
+)
 from lsfa_jax.patchcore.normalisation import FeatureStats, fit_feature_stats, normalise
 from lsfa_jax.patchcore.scorer import (
     anomaly_map,
-    nearest_neighbours,
     patchcore_image_score,
     score_batch,
 )
@@ -13,6 +18,7 @@ from lsfa_jax.patchcore.scorer import (
 __all__ = [
     "FeatureStats",
     "MemoryBank",
+    "SearchIndex",
     "anomaly_map",
     "build_memory_bank",
     "coreset_size",
@@ -22,4 +28,7 @@ __all__ = [
     "normalise",
     "patchcore_image_score",
     "score_batch",
+    "screened_nearest_neighbour",
+    "search_index",
+    "with_search_index",
 ]

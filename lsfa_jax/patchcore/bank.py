@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsfa_jax.patchcore.coreset import coreset_size, greedy_coreset
+from lsfa_jax.patchcore.knn import SearchIndex, search_index
 from lsfa_jax.patchcore.normalisation import (
     FeatureStats,
     fit_feature_stats,
@@ -20,12 +21,19 @@ from lsfa_jax.patchcore.normalisation import (
 class MemoryBank(NamedTuple):
     """features (M, D) normalised rows (float32 or bfloat16), zero beyond the real rows;
     valid (M,) bool, True for real rows; stats: the library's standardisation constants
-    (queries are normalised with them before the search). M is padded to a fixed size so that
-    jitted scoring compiles once for banks of different classes."""
+    (queries are normalised with them before the search); index: the screened search's bank
+    data (`with_search_index`), or None to compute it in every scoring call. M is padded to a
+    fixed size so that jitted scoring compiles once for banks of different classes."""
 
     features: jax.Array
     valid: jax.Array
     stats: FeatureStats
+    index: SearchIndex | None = None
+
+
+def with_search_index(bank: MemoryBank) -> MemoryBank:
+    """The bank with its SearchIndex computed once (scoring calls then reuse it)."""
+    return bank._replace(index=search_index(bank.features, bank.valid))
 
 
 def padded_bank_size(n_rows: int, multiple: int) -> int:
@@ -88,4 +96,4 @@ def build_memory_bank(
         raise ValueError(f"build_memory_bank: padded_size {size} < coreset size {n_select}")
     features = jnp.zeros((size, rows.shape[1]), dtype).at[:n_select].set(rows.astype(dtype))
     valid = jnp.arange(size) < n_select
-    return MemoryBank(features=features, valid=valid, stats=stats)
+    return with_search_index(MemoryBank(features=features, valid=valid, stats=stats))

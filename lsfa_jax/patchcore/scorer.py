@@ -1,8 +1,8 @@
 """PatchCore scoring: exact kNN against a memory bank, image scores and anomaly maps.
 
-Everything on the device path is jitted with static shapes. The kNN search walks the bank in
-fixed-size chunks with `lax.scan`, merging a running top-k, so memory stays O(Q * chunk) for
-banks of a million rows.
+Everything on the device path is jitted with static shapes. The searches themselves live in
+`knn`: the patches' nearest bank rows by the certified bfloat16 screen (default) or the plain
+float32 search; both give the float32 nearest row.
 """
 
 from __future__ import annotations
@@ -16,103 +16,14 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from lsfa_jax.patchcore.bank import MemoryBank
+from lsfa_jax.patchcore.knn import (
+    nearest_neighbours,
+    screened_nearest_neighbour,
+    search_index,
+)
 from lsfa_jax.patchcore.normalisation import normalise
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _row_argmin(values: jax.Array, group: int = 128) -> tuple[jax.Array, jax.Array]:
-    """(Q, C) -> argmin (Q,) int32 and min (Q, 1), lowest index on ties.
-
-    XLA's CPU argmin (a variadic reduce) is ~10x slower than a plain min, so: min over groups
-    of `group` columns, argmin over the few group minima, then argmin inside the winning group
-    only. Exact: the first group holding the row minimum holds its first occurrence.
-    """
-    n_rows, n_cols = values.shape
-    if n_cols % group or n_cols == group:
-        local = jnp.argmin(values, axis=1).astype(jnp.int32)
-        return local, jnp.take_along_axis(values, local[:, None], axis=1)
-    grouped = values.reshape(n_rows, n_cols // group, group)
-    group_min = jnp.min(grouped, axis=2)
-    winner = jnp.argmin(group_min, axis=1)
-    inside = jnp.take_along_axis(grouped, winner[:, None, None], axis=1)[:, 0, :]
-    offset = jnp.argmin(inside, axis=1)
-    local = (winner * group + offset).astype(jnp.int32)
-    return local, jnp.take_along_axis(group_min, winner[:, None], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "bank_chunk"))
-def nearest_neighbours(
-    queries: jax.Array,
-    bank: jax.Array,
-    bank_valid: jax.Array | None = None,
-    *,
-    k: int = 1,
-    bank_chunk: int = 4096,
-) -> tuple[jax.Array, jax.Array]:
-    """Exact k nearest bank rows (L2) of each query.
-
-    Args:
-      queries: (Q, D) float.
-      bank: (M, D) float32 or bfloat16 (converted to float32 one chunk at a time).
-      bank_valid: optional (M,) bool; masked rows never win.
-      k: neighbours per query.
-      bank_chunk: bank rows per scan step (the bank is padded to a multiple of it; a bank that
-        is already a multiple, as `MemoryBank`s are, is not copied).
-
-    Returns:
-      distances (Q, k) float32 ascending and indices (Q, k) int32; lowest index on ties. Where
-      fewer than k valid rows exist the missing entries are inf with index -1.
-    Distances use ||q||^2 + ||b||^2 - 2 q.b at HIGHEST precision (TF32 would be far off on
-    GPU), clamped at 0 before the sqrt; in float32 they are exact to about 1e-7 * ||q||^2
-    (absolute, squared), which is far below NN distances of standardised features.
-    """
-    queries = queries.astype(jnp.float32)
-    n_bank, dim = bank.shape
-    chunk = min(bank_chunk, n_bank)
-    n_chunks = -(-n_bank // chunk)
-    pad = n_chunks * chunk - n_bank
-    valid = jnp.ones((n_bank,), bool) if bank_valid is None else bank_valid.astype(bool)
-    if pad:
-        bank = jnp.pad(bank, ((0, pad), (0, 0)))
-        valid = jnp.pad(valid, (0, pad))
-    blocks = bank.reshape(n_chunks, chunk, dim)
-    valid_blocks = valid.reshape(n_chunks, chunk)
-    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
-    n_queries = queries.shape[0]
-
-    def step(carry, inputs):
-        # Ranks by ||b||^2 - 2 q.b (||q||^2 is added once at the end): fewer passes over the
-        # (Q, chunk) block; masked rows get +inf so they never win.
-        best, best_idx = carry
-        block, block_valid, offset = inputs
-        block = block.astype(jnp.float32)
-        block_sq = jnp.where(block_valid, jnp.sum(jnp.square(block), axis=-1), jnp.inf)
-        partial = block_sq[None, :] - 2.0 * jnp.matmul(queries, block.T, precision=_HIGHEST)
-        if k == 1:
-            local, local_best = _row_argmin(partial)
-            # Strict < keeps the earlier chunk on ties: lowest index overall.
-            better = local_best < best
-            best = jnp.where(better, local_best, best)
-            best_idx = jnp.where(better, (local + offset)[:, None].astype(jnp.int32), best_idx)
-        else:
-            block_idx = jnp.broadcast_to(offset + jnp.arange(chunk, dtype=jnp.int32), partial.shape)
-            merged = jnp.concatenate([best, partial], axis=1)
-            merged_idx = jnp.concatenate([best_idx, block_idx], axis=1)
-            # top_k puts the lower position first on ties; the carry (earlier rows) comes first.
-            neg_best, pos = jax.lax.top_k(-merged, k)
-            best = -neg_best
-            best_idx = jnp.take_along_axis(merged_idx, pos, axis=1)
-        return (best, best_idx), None
-
-    init = (
-        jnp.full((n_queries, k), jnp.inf, jnp.float32),
-        jnp.full((n_queries, k), -1, jnp.int32),
-    )
-    (best, best_idx), _ = jax.lax.scan(step, init, (blocks, valid_blocks, offsets))
-    best_idx = jnp.where(jnp.isfinite(best), best_idx, -1)
-    best_d2 = jnp.maximum(best + jnp.sum(jnp.square(queries), axis=-1)[:, None], 0.0)
-    return jnp.sqrt(best_d2), best_idx
 
 
 def patchcore_image_score(
@@ -242,7 +153,21 @@ def pil_blur(maps: np.ndarray, radius: float = 4.0) -> np.ndarray:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("out_size", "reweight", "sigma", "bank_chunk"))
+SCREEN_GROUP = 8
+
+
+def _screen_chunk(n_bank: int, bank_chunk: int) -> int | None:
+    """Bank rows per step of the screened search, or None where the bank's size does not allow
+    it (then the plain float32 search runs: same answer, slower)."""
+    chunk = min(bank_chunk, n_bank)
+    if n_bank % chunk or chunk % SCREEN_GROUP:
+        return None
+    return chunk
+
+
+@functools.partial(
+    jax.jit, static_argnames=("out_size", "reweight", "sigma", "bank_chunk", "search")
+)
 def _score_images(
     bank: MemoryBank,
     queries: jax.Array,
@@ -252,25 +177,45 @@ def _score_images(
     reweight: bool,
     sigma: float | None,
     bank_chunk: int,
+    search: str,
 ) -> tuple[jax.Array, jax.Array]:
     batch, n_patches, dim = queries.shape
     grid = math.isqrt(n_patches)
     if grid * grid != n_patches:
         raise ValueError(f"score_batch: {n_patches} patches do not form a square grid")
     mask = jnp.ones((batch, n_patches), bool) if patch_mask is None else patch_mask
+    screen_chunk = _screen_chunk(bank.features.shape[0], bank_chunk)
+    if search == "screened" and screen_chunk is not None:
+        index = search_index(bank.features, bank.valid) if bank.index is None else bank.index
+
+        def nearest(features):
+            dist, idx, _ = screened_nearest_neighbour(
+                features,
+                bank.features,
+                index,
+                bank_chunk=screen_chunk,
+                group=SCREEN_GROUP,
+                exact_chunk=bank_chunk,
+            )
+            return dist, idx
+    else:
+
+        def nearest(features):
+            dist, idx = nearest_neighbours(
+                features, bank.features, bank.valid, k=1, bank_chunk=bank_chunk
+            )
+            return dist[:, 0], idx[:, 0]
 
     def one_image(args):
         features, foreground = args
         features = normalise(features, bank.stats)
-        dist, idx = nearest_neighbours(
-            features, bank.features, bank.valid, k=1, bank_chunk=bank_chunk
-        )
-        dist = jnp.where(foreground, dist[:, 0], 0.0)
+        dist, idx = nearest(features)
+        dist = jnp.where(foreground, dist, 0.0)
         score = patchcore_image_score(
             features,
             bank.features,
             dist,
-            idx[:, 0],
+            idx,
             dim,
             bank_valid=bank.valid,
             reweight=reweight,
@@ -293,6 +238,7 @@ def score_batch(
     sigma: float = 4.0,
     patch_mask: jax.Array | None = None,
     bank_chunk: int = 4096,
+    search: str = "screened",
 ) -> tuple[jax.Array, jax.Array]:
     """Scores a batch of images of one modality against its memory bank.
 
@@ -307,10 +253,15 @@ def score_batch(
       patch_mask: optional (B, P) bool foreground; patches outside it score 0 (off by default,
         as in the reference).
       bank_chunk: bank rows per kNN scan step.
+      search: "screened" (bfloat16 screen certified in float32, see `knn`; needs a bank whose
+        rows are a multiple of min(bank_chunk, M) and of 8, else the float32 search runs) or
+        "exact" (the float32 search). Both give the float32 nearest rows.
 
     Returns:
       image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
     """
+    if search not in ("screened", "exact"):
+        raise ValueError(f"score_batch: search must be 'screened' or 'exact', got {search!r}")
     if blur not in ("gaussian", "pil", "none"):
         raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
     if queries.ndim != 3 or queries.shape[-1] != bank.features.shape[-1]:
@@ -325,6 +276,7 @@ def score_batch(
         reweight=reweight,
         sigma=float(sigma) if blur == "gaussian" else None,
         bank_chunk=bank_chunk,
+        search=search,
     )
     if blur == "pil":
         maps = jnp.asarray(pil_blur(np.asarray(maps), sigma))
