@@ -85,6 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             reweight=True,
             blur="gaussian",  # gaussian (float, on device) | pil (the reference's 8-bit blur)
             blur_sigma=4.0,
+            bank_dtype="float32",  # float32 | bfloat16: storage of the memory-bank rows
         )
     )
     config.adaptation = default_adaptation_config()

@@ -4,7 +4,8 @@ Paper §3.4: the final score (image or pixel) is the average of the two modaliti
 raw PatchCore scores of the modalities live on different scales, so each modality is first
 normalised with statistics of scores of normal samples (training or validation):
 z-score (default) or min-max. The reference code instead fuses with a one-class SVM
-(notes §5.6); `fit_ocsvm_fuser` / `ocsvm_fuse` reproduce it.
+(notes §5.6); `fit_ocsvm_fuser` / `ocsvm_fuse` reproduce it. `fit_fusion` fits either kind as one
+`Fusion` of a class; `fusion_to_dict` / `fusion_from_dict` store it with the model.
 
 Decision rule everywhere: a sample (or pixel) is anomalous iff its score > threshold.
 """
@@ -19,6 +20,7 @@ from numpy.typing import ArrayLike
 from sklearn.linear_model import SGDOneClassSVM
 
 NORMALISATION_METHODS = ("zscore", "minmax")
+FUSION_METHODS = (*NORMALISATION_METHODS, "ocsvm")
 REFERENCE_RGB_FACTOR = 0.1  # notes §5.6: the fuser sees [s_xyz, 0.1 * s_rgb]
 
 
@@ -193,6 +195,130 @@ def ocsvm_fuse(
     """Fused scores `fuser.score_samples` (= vectors @ coef_, no intercept), shaped like xyz."""
     vectors = fusion_vectors(xyz, rgb, rgb_factor)
     return fuser.score_samples(vectors).reshape(np.shape(xyz))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFuser:
+    """A fitted reference fuser as what it computes: rows [xyz, rgb_factor * rgb] @ coef.
+
+    sklearn's `SGDOneClassSVM.score_samples` is that product (no intercept), so keeping `coef`
+    alone reproduces `ocsvm_fuse` without pickling the sklearn object.
+    """
+
+    coef: tuple[float, float]
+    rgb_factor: float = REFERENCE_RGB_FACTOR
+
+    def __call__(self, xyz: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """xyz, rgb of equal shape -> fused scores of that shape, float64."""
+        vectors = fusion_vectors(xyz, rgb, self.rgb_factor)
+        return (vectors @ np.asarray(self.coef, np.float64)).reshape(np.shape(xyz))
+
+
+Level = Mapping[str, ScoreNormaliser] | LinearFuser
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """The RGB+3D fusion of one class, fitted on its normal validation samples.
+
+    method zscore / minmax: `image` and `pixel` are {modality: ScoreNormaliser} (mean of the
+    normalised modalities); ocsvm: each is a LinearFuser over (xyz, rgb).
+    """
+
+    method: str
+    image: Level
+    pixel: Level
+
+    def fuse_scores(self, scores_by_modality: Mapping[str, np.ndarray]) -> np.ndarray:
+        """{modality: (N,)} image scores -> (N,) float64."""
+        return _apply_level("Fusion.fuse_scores", self.image, scores_by_modality, ndim=1)
+
+    def fuse_maps(self, maps_by_modality: Mapping[str, np.ndarray]) -> np.ndarray:
+        """{modality: (N, H, W)} anomaly maps -> (N, H, W) float64."""
+        return _apply_level("Fusion.fuse_maps", self.pixel, maps_by_modality, ndim=3)
+
+
+def _apply_level(
+    where: str, level: Level, values_by_modality: Mapping[str, np.ndarray], ndim: int
+) -> np.ndarray:
+    if not isinstance(level, LinearFuser):
+        return _fuse(where, values_by_modality, level, ndim)
+    if set(values_by_modality) != {"rgb", "xyz"}:
+        raise ValueError(f"{where}: ocsvm fuses rgb and xyz; got {sorted(values_by_modality)}")
+    fused = level(values_by_modality["xyz"], values_by_modality["rgb"])
+    if fused.ndim != ndim:
+        raise ValueError(f"{where}: expected {ndim}-D arrays; got shape {fused.shape}")
+    return fused
+
+
+def fit_fusion(
+    scores_by_modality: Mapping[str, np.ndarray],
+    maps_by_modality: Mapping[str, np.ndarray],
+    method: str = "zscore",
+) -> Fusion:
+    """Fusion of `method` (FUSION_METHODS) from normal samples' image scores {m: (N,)} and
+    maps {m: (N, H, W)}; ocsvm needs exactly the modalities rgb and xyz."""
+    if method in NORMALISATION_METHODS:
+        return Fusion(
+            method=method,
+            image=fit_normaliser(scores_by_modality, method),
+            pixel=fit_map_normaliser(maps_by_modality, method),
+        )
+    if method != "ocsvm":
+        raise ValueError(f"fusion.fit_fusion: method {method!r} not in {FUSION_METHODS}")
+    levels = []
+    for values in (scores_by_modality, maps_by_modality):
+        if set(values) != {"rgb", "xyz"}:
+            raise ValueError(f"fusion.fit_fusion: ocsvm fuses rgb and xyz; got {sorted(values)}")
+        fuser = fit_ocsvm_fuser(fusion_vectors(values["xyz"], values["rgb"]))
+        levels.append(LinearFuser(coef=tuple(float(c) for c in fuser.coef_)))
+    return Fusion(method=method, image=levels[0], pixel=levels[1])
+
+
+def _level_to_dict(level: Level) -> dict:
+    if isinstance(level, LinearFuser):
+        return {"coef": list(level.coef), "rgb_factor": level.rgb_factor}
+    return {m: dataclasses.asdict(n) for m, n in level.items()}
+
+
+def fusion_to_dict(fused: Fusion) -> dict:
+    """JSON-ready record of `fused`; floats survive a JSON round trip exactly."""
+    return {
+        "method": fused.method,
+        "image": _level_to_dict(fused.image),
+        "pixel": _level_to_dict(fused.pixel),
+    }
+
+
+def fusion_from_dict(record: Mapping, where: str = "fusion.fusion_from_dict") -> Fusion:
+    """The Fusion `fusion_to_dict` described; `where` (e.g. the file read) names bad input."""
+    try:
+        method = record["method"]
+        if method in NORMALISATION_METHODS:
+            levels = [
+                {m: ScoreNormaliser(**n) for m, n in record[name].items()}
+                for name in ("image", "pixel")
+            ]
+            for level in levels:
+                if any(n.method != method or not n.scale > 0.0 for n in level.values()):
+                    raise ValueError(f"normalisers do not match method {method!r}: {level}")
+        elif method == "ocsvm":
+            levels = [
+                LinearFuser(
+                    coef=tuple(float(c) for c in record[name]["coef"]),
+                    rgb_factor=float(record[name]["rgb_factor"]),
+                )
+                for name in ("image", "pixel")
+            ]
+            if any(len(level.coef) != 2 for level in levels):
+                raise ValueError("an ocsvm coef must have 2 entries")
+        else:
+            raise ValueError(f"method {method!r} not in {FUSION_METHODS}")
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{where}: not a fusion record ({type(error).__name__}: {error})"
+        ) from error
+    return Fusion(method=method, image=levels[0], pixel=levels[1])
 
 
 def calibrate_threshold(

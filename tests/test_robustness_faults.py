@@ -7,13 +7,12 @@ restarted to completion. Scores, metrics, memory banks and adaptor parameters mu
 bit-identical to the reference, and the restart must reuse the finished work (cached features,
 the latest complete checkpoint). The in-process tests cover what a kill can leave
 behind in each writer: feature-cache temp folders, TFDS `incomplete.*` folders, orbax temp
-checkpoints, temp result files.
+checkpoints; temp result files are covered with their writer in test_atomic_io.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import signal
@@ -29,7 +28,6 @@ import pytest
 from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
 from lsfa_jax.data import pipeline, prepare, synthetic
 from lsfa_jax.features import cache
-from lsfa_jax.jobs.common import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240917  # picks the kill points; fixed so a failure can be reproduced
@@ -358,30 +356,3 @@ def test_orbax_ignores_a_checkpoint_killed_while_saving(tmp_path: Path) -> None:
     checkpointer.close()
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     np.testing.assert_array_equal(load_adaptor_params(directory)["w"], state["params"]["w"])
-
-
-def test_result_file_is_never_half_written(tmp_path: Path) -> None:
-    """A writer killed mid-write leaves only its hidden temp file; readers see old or new."""
-    target = tmp_path / "scores" / "box.json"
-    write_json_atomic(target, {"scores": [1.0, 2.0]})
-    script = (
-        "import json, os, sys, time\n"
-        "from lsfa_jax.jobs import common\n"
-        "def slow_dump(payload, handle, **kw):\n"
-        "    handle.write('{\"scores\": [3.0,'); handle.flush(); print('written', flush=True)\n"
-        "    time.sleep(60)\n"
-        "common.json.dump = slow_dump\n"
-        f"common.write_json_atomic({str(target)!r}, {{'scores': [3.0, 4.0]}})\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout.readline().strip() == "written"
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    process.stdout.close()
-    assert json.loads(target.read_text()) == {"scores": [1.0, 2.0]}
-    leftovers = [p.name for p in target.parent.iterdir() if p.name != "box.json"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".box.json.")
-    write_json_atomic(target, {"scores": [3.0, 4.0]})
-    assert json.loads(target.read_text()) == {"scores": [3.0, 4.0]}

@@ -7,8 +7,6 @@ MVTec 3D-AD class `bagel` so the real `mvtec3d` readers and TFDS builder are exe
 
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 import shutil
@@ -34,7 +32,7 @@ from lsfa_jax.adaptation.checkpointing import (
 from lsfa_jax.data import mvtec3d, preprocess
 from lsfa_jax.features import backbones, fpfh
 from lsfa_jax.jobs import evaluate, run_job
-from lsfa_jax.jobs.common import ConfigError, prepare_workdir, write_json_atomic
+from lsfa_jax.jobs.common import ConfigError, prepare_workdir
 from lsfa_jax.models import checkpoint_io, point_mae, vit
 from lsfa_jax.reports import tables
 
@@ -509,25 +507,6 @@ def test_workdir_without_write_permission(tmp_path: Path) -> None:
             prepare_workdir(work)
     finally:
         work.chmod(0o700)
-
-
-def test_full_disk_keeps_the_previous_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ENOSPC half-way through a result write: the old file stays, no temp file is left."""
-    target = tmp_path / "results" / "results.json"
-    write_json_atomic(target, {"i_auroc": 0.9})
-
-    def dump_then_fail(payload, handle, **kwargs) -> None:
-        handle.write('{"i_auroc": 0.')
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(json, "dump", dump_then_fail)
-    with pytest.raises(OSError, match="No space left on device"):
-        write_json_atomic(target, {"i_auroc": 0.1})
-    monkeypatch.undo()
-    assert json.loads(target.read_text()) == {"i_auroc": 0.9}
-    assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
 
 
 def test_prepare_reads_inputs_without_modifying_them(bagel_root: Path, tmp_path: Path) -> None:

@@ -36,7 +36,6 @@ import functools
 import itertools
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from lsfa_jax.adaptation.banks import Bank, bank_push, init_bank
 from lsfa_jax.adaptation.checkpointing import Checkpointer
 from lsfa_jax.adaptation.losses import BANK_NAMES, LossConfig, lsfa_loss
+from lsfa_jax.atomic_io import atomic_write_text
 from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
 
 Batch = Mapping[str, Any]
@@ -311,12 +311,6 @@ class _EventWriter:
         self._writer.close()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def _count_batches(batches_fn: Callable[[int], Iterable[Batch]]) -> int:
     batches = batches_fn(0)
     return len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
@@ -349,7 +343,7 @@ def train_adaptors(
         total = int(cfg.num_epochs) * (steps_per_epoch or _count_batches(batches_fn))
     if total < 1:
         raise ValueError("train.py: nothing to train (num_steps/num_epochs/batches give 0 steps)")
-    _atomic_write_text(workdir / "adaptation_config.json", cfg.to_json(indent=2))
+    atomic_write_text(workdir / "adaptation_config.json", cfg.to_json(indent=2))
 
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.device_put(init_train_state(cfg, num_classes, total), replicated)

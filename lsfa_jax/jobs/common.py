@@ -1,13 +1,11 @@
-"""What every job needs: the class list, the work folders, logging to a file, atomic writes."""
+"""What every job needs: the class list, the work folders, logging to a file."""
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 from absl import logging
@@ -45,20 +43,3 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
 def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Where prepared data and cached features live (shared between runs when set explicitly)."""
     return Path(config.cache_dir) if config.cache_dir else workdir / "cache"
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-    """Writes JSON through a temporary file in the same folder, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

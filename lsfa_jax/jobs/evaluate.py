@@ -5,6 +5,7 @@ the LSFA adaptors for method=lsfa, raw for method=raw, FPFH for method=fpfh); va
 samples are scored against it. Settings: "RGB" and "3D" use one modality; "RGB+3D" averages the
 two modalities' scores after normalising each with statistics of the normal validation samples
 (paper 3.4; `config.fusion`). The reference's OCSVM fusion is `config.fusion.method=ocsvm`.
+Bank rows are stored in `config.patchcore.bank_dtype` (float32 or bfloat16).
 """
 
 from __future__ import annotations
@@ -22,18 +23,25 @@ from tqdm import tqdm
 
 from lsfa_jax import fusion, metrics
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
+from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
 from lsfa_jax.data import pipeline
 from lsfa_jax.features.cache import SplitFeatures
-from lsfa_jax.jobs.common import ConfigError, cache_dir, selected_classes, write_json_atomic
+from lsfa_jax.jobs.common import ConfigError, cache_dir, selected_classes
 from lsfa_jax.jobs.features import FeatureSource, feature_source
-from lsfa_jax.jobs.model_store import save_bank, save_model_info
+from lsfa_jax.jobs.model_store import (
+    BANK_DTYPES,
+    ClassModel,
+    save_bank,
+    save_class_model,
+    save_model_info,
+)
 from lsfa_jax.jobs.prepare import prepared_dataset
 from lsfa_jax.jobs.train import train_lsfa
 from lsfa_jax.models.adaptors import apply_adaptors
 from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, padded_bank_size
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
-from lsfa_jax.reports import atomic_write_text, overlays, plots, tables
+from lsfa_jax.reports import overlays, plots, tables
 from lsfa_jax.reports.manifest import RunManifest
 
 SETTING_OF_MODALITY = {"rgb": "RGB", "xyz": "3D"}
@@ -156,41 +164,14 @@ def test_images(prepared: dict[str, str], class_name: str, config) -> dict[str, 
     return {"mask": np.concatenate(masks), "rgb": np.concatenate(rgb), "file_id": ids}
 
 
-def fuse(
-    config: ml_collections.ConfigDict,
-    val: dict[str, tuple[np.ndarray, np.ndarray]],
-    test: dict[str, tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """RGB+3D scores and maps of the test split, plus the fused validation scores.
-
-    zscore / minmax: each modality normalised with statistics of normal validation samples,
-    then averaged (paper 3.4). ocsvm: the reference's SGDOneClassSVM on [xyz, 0.1 * rgb],
-    fitted on the validation samples.
-    """
-    method = config.fusion.method
-    if method == "ocsvm":
-        image_fuser = fusion.fit_ocsvm_fuser(fusion.fusion_vectors(val["xyz"][0], val["rgb"][0]))
-        pixel_fuser = fusion.fit_ocsvm_fuser(fusion.fusion_vectors(val["xyz"][1], val["rgb"][1]))
-        scores = fusion.ocsvm_fuse(image_fuser, test["xyz"][0], test["rgb"][0])
-        maps = fusion.ocsvm_fuse(pixel_fuser, test["xyz"][1], test["rgb"][1])
-        val_scores = fusion.ocsvm_fuse(image_fuser, val["xyz"][0], val["rgb"][0])
-        info = {
-            "method": "ocsvm",
-            "image_coef": image_fuser.coef_.tolist(),
-            "pixel_coef": pixel_fuser.coef_.tolist(),
-        }
-        return scores, maps, val_scores, info
-    score_norm = fusion.fit_normaliser({m: v[0] for m, v in val.items()}, method)
-    map_norm = fusion.fit_map_normaliser({m: v[1] for m, v in val.items()}, method)
-    scores = fusion.fuse_scores({m: v[0] for m, v in test.items()}, score_norm)
-    maps = fusion.fuse_maps({m: v[1] for m, v in test.items()}, map_norm)
-    val_scores = fusion.fuse_scores({m: v[0] for m, v in val.items()}, score_norm)
-    info = {
-        "method": method,
-        "image": {m: vars(n) for m, n in score_norm.items()},
-        "pixel": {m: vars(n) for m, n in map_norm.items()},
-    }
-    return scores, maps, val_scores, info
+def fuse_split(
+    fused: fusion.Fusion, per_modality: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """{modality: (scores (N,), maps (N, S, S))} -> fused scores (N,) and maps (N, S, S)."""
+    return (
+        fused.fuse_scores({m: v[0] for m, v in per_modality.items()}),
+        fused.fuse_maps({m: v[1] for m, v in per_modality.items()}),
+    )
 
 
 def per_defect_metrics(
@@ -216,7 +197,7 @@ def per_defect_metrics(
 
 def write_per_defect(per_defect: dict, out_dir: Path) -> Path:
     """results/per_defect.{json,md}: {class: {setting: {defect: metrics}}}."""
-    write_json_atomic(out_dir / "per_defect.json", per_defect)
+    atomic_write_json(out_dir / "per_defect.json", per_defect)
     lines = ["# Per defect type (good test samples vs one defect type)", ""]
     lines += [
         "| class | setting | defect type | n | I-AUROC | AUPRO@0.3 |",
@@ -252,6 +233,14 @@ def load_or_train_adaptors(
     with manifest.stage("adaptation"):
         params, cfg = train_lsfa(config, train, workdir)
     return Adaptors(params, cfg), str(workdir / "adaptation" / "checkpoints")
+
+
+def bank_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """`config.patchcore.bank_dtype` (float32 | bfloat16) as a dtype."""
+    name = config.patchcore.bank_dtype
+    if name not in BANK_DTYPES:
+        raise ConfigError(f"config.patchcore.bank_dtype={name!r}: use one of {sorted(BANK_DTYPES)}")
+    return jnp.dtype(BANK_DTYPES[name])
 
 
 def bank_padded_size(source: FeatureSource, classes, ratio: float) -> int:
@@ -301,6 +290,7 @@ def evaluate_one_class(
             key=key,
             eps=config.patchcore.projection_eps,
             padded_size=padded[modality],
+            dtype=bank_dtype(config),
             progress=True,
         )
         save_bank(out / "model" / class_name / f"{modality}.npz", bank)
@@ -312,12 +302,18 @@ def evaluate_one_class(
         )
 
     settings = {SETTING_OF_MODALITY[m]: test_out[m] for m in source.modalities}
-    val_settings = {SETTING_OF_MODALITY[m]: val_out[m][0] for m in source.modalities}
-    fusion_info = {}
+    val_settings = {SETTING_OF_MODALITY[m]: val_out[m] for m in source.modalities}
+    fused = None
     if len(source.modalities) == 2:
-        scores, maps, val_scores, fusion_info = fuse(config, val_out, test_out)
-        settings[FUSED] = (scores, maps)
-        val_settings[FUSED] = val_scores
+        # Paper 3.4 (zscore / minmax) or the reference's OCSVM, fitted on normal validation data.
+        fused = fusion.fit_fusion(
+            {m: v[0] for m, v in val_out.items()},
+            {m: v[1] for m, v in val_out.items()},
+            config.fusion.method,
+        )
+        settings[FUSED] = fuse_split(fused, test_out)
+        val_settings[FUSED] = fuse_split(fused, val_out)
+    map_scale = {s: overlays.fixed_scale(v[1]) for s, v in val_settings.items()}
 
     result = {"metrics": {}, "notes": {}, "thresholds": {}, "curves": {}, "per_defect": {}}
     defect_types = np.asarray(splits["test"].defect_type)
@@ -329,7 +325,7 @@ def evaluate_one_class(
         result["metrics"][setting] = class_metrics.values()
         result["notes"][setting] = list(class_metrics.notes)
         threshold = fusion.calibrate_threshold(
-            val_settings[setting], quantile=config.fusion.threshold_quantile
+            val_settings[setting][0], quantile=config.fusion.threshold_quantile
         )
         stats = fusion.precision_recall_at(threshold, labels, scores)
         result["thresholds"][setting] = {
@@ -341,12 +337,12 @@ def evaluate_one_class(
             fpr, tpr, _ = metrics.roc_curve_points(labels, scores)
             pro_fpr, pro, _ = metrics.pro_curve_points(images["mask"], maps)
             result["curves"][setting] = ((fpr, tpr), (pro_fpr, pro))
-    write_json_atomic(
+    save_class_model(
         out / "model" / class_name / "fusion.json",
-        {"fusion": fusion_info, "thresholds": result["thresholds"]},
+        ClassModel(fusion=fused, thresholds=result["thresholds"], map_scale=map_scale),
     )
     main_setting = FUSED if FUSED in settings else "3D"
-    write_json_atomic(
+    atomic_write_json(
         out / "scores" / f"{class_name}.json",
         {
             "file_id": images["file_id"],
@@ -366,6 +362,7 @@ def evaluate_one_class(
             settings[main_setting][0],
             k=config.report.num_overlays,
             sample_names=[i.replace("/", "_") for i in images["file_id"]],
+            scale=map_scale[main_setting],
         )
     if config.report.plots and result["curves"]:
         plots.plot_roc(
@@ -389,6 +386,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     manifest = RunManifest(config.to_dict())
     manifest.set_seed("seed", config.seed)
     classes = selected_classes(config)
+    bank_dtype(config)  # a bad setting fails before any work
     with manifest.stage("prepare"):
         prepared = prepared_dataset(config, workdir)
     source = feature_source(config, prepared, cache_dir(config, workdir))

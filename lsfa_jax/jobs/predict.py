@@ -8,15 +8,15 @@
   - a folder of plain pairs NAME.png + NAME.tiff.
 `--config.data.classes` names the class whose banks to use (needed when the model has several).
 Each sample is preprocessed and resized as in training, scored per modality, fused with the
-run's validation statistics, and compared with the run's threshold. Writes
-`predictions.json` / `predictions.csv` and one anomaly-map image per sample.
+run's stored fusion, and compared with the run's threshold. Writes `predictions.json` /
+`predictions.csv` and one anomaly-map image per sample, drawn on the colour scale stored with the
+model (`overlays.fixed_scale`), so a colour means the same score in every image and call.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import ml_collections
@@ -24,22 +24,23 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from lsfa_jax import fusion
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
+from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
 from lsfa_jax.data import mvtec3d, prepare, preprocess
 from lsfa_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from lsfa_jax.features.cache import SplitFeatures
-from lsfa_jax.jobs.common import ConfigError, write_json_atomic
+from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.jobs.evaluate import (
     FUSED,
     SETTING_OF_MODALITY,
     Adaptors,
+    fuse_split,
     score_split,
     trained_adaptation_config,
 )
 from lsfa_jax.jobs.features import feature_source
-from lsfa_jax.jobs.model_store import load_bank, load_model_info
-from lsfa_jax.reports import atomic_write_text, overlays
+from lsfa_jax.jobs.model_store import load_bank, load_class_model, load_model_info
+from lsfa_jax.reports import overlays
 
 
 def find_pairs(path: Path) -> list[tuple[Path, Path]]:
@@ -110,6 +111,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     else:
         raise ConfigError(f"config.data.classes={wanted!r}: the model holds {classes}")
 
+    # Read first: a model folder from an older version fails before any work.
+    stored = load_class_model(model_dir / class_name / "fusion.json")
     inputs = prepared_inputs(config, find_pairs(Path(config.input)))
     source = feature_source(config, {}, workdir)
     if source.fingerprint() != info["feature_fingerprint"]:
@@ -132,31 +135,20 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
         cfg = trained_adaptation_config(info["adaptors"], config)
         arrays = Adaptors(params, cfg).apply(split, config.batch_size)
 
-    settings = {}
-    for modality in source.modalities:
-        bank = load_bank(model_dir / class_name / f"{modality}.npz")
-        settings[SETTING_OF_MODALITY[modality]] = score_split(
-            bank, arrays[modality], config, f"scoring {modality}"
+    per_modality = {
+        m: score_split(
+            load_bank(model_dir / class_name / f"{m}.npz"), arrays[m], config, f"scoring {m}"
         )
-    stored = json.loads((model_dir / class_name / "fusion.json").read_text())
+        for m in source.modalities
+    }
+    settings = {SETTING_OF_MODALITY[m]: v for m, v in per_modality.items()}
     main_setting = "3D"
     if len(source.modalities) == 2:
         main_setting = FUSED
-        fused = stored["fusion"]
-        if fused["method"] == "ocsvm":
-            raise ConfigError("mode=predict supports the zscore and minmax fusions")
-        image_norm = {m: fusion.ScoreNormaliser(**v) for m, v in fused["image"].items()}
-        pixel_norm = {m: fusion.ScoreNormaliser(**v) for m, v in fused["pixel"].items()}
-        scores = fusion.fuse_scores(
-            {m: settings[SETTING_OF_MODALITY[m]][0] for m in arrays}, image_norm
-        )
-        maps = fusion.fuse_maps(
-            {m: settings[SETTING_OF_MODALITY[m]][1] for m in arrays}, pixel_norm
-        )
-        settings[FUSED] = (scores, maps)
-    threshold = stored["thresholds"][main_setting]["threshold"]
+        settings[FUSED] = fuse_split(stored.fusion, per_modality)
+    threshold = stored.thresholds[main_setting]["threshold"]
+    vmin, vmax = stored.map_scale[main_setting]
     scores, maps = settings[main_setting]
-    vmin, vmax = overlays.shared_scale(np.asarray(maps))
     rows = []
     for i, name in enumerate(inputs["file_id"]):
         stem = Path(str(name)).name
@@ -178,11 +170,13 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
                 "score": float(scores[i]),
                 "threshold": float(threshold),
                 "anomalous": bool(scores[i] > threshold),
+                "map_vmin": vmin,
+                "map_vmax": vmax,
                 **{f"score_{s}": float(v[0][i]) for s, v in settings.items()},
                 "image": str(image_path),
             }
         )
-    write_json_atomic(workdir / "predictions.json", rows)
+    atomic_write_json(workdir / "predictions.json", rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -7,9 +7,9 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
+from lsfa_jax.atomic_io import atomic_write_text
 from lsfa_jax.data import pipeline, prepare
 from lsfa_jax.jobs.common import cache_dir, selected_classes
-from lsfa_jax.reports import atomic_write_text
 
 
 def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lsfa_jax.reports import atomic_write_text
+from lsfa_jax.atomic_io import atomic_write_text
 
 # name in the manifest -> distributions that provide it (the first installed one is reported).
 PACKAGES = {

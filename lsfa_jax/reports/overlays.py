@@ -1,7 +1,9 @@
 """Anomaly-map overlays: a panel RGB | RGB + ground-truth contour | heat map over RGB.
 
-The heat map uses a colour scale (vmin, vmax) shared by every image of a class (`shared_scale`),
-so panels of one class can be compared with each other; the title says so.
+The heat map uses one colour scale (vmin, vmax) for every image of a class, so that a colour
+means the same score on every panel; the title gives the scale. Evaluation and mode=predict use
+`fixed_scale` of the class's normal validation maps, stored with the model, so images of
+separate runs and predict calls compare too; `shared_scale` spans a given set of maps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lsfa_jax.reports import atomic_write_bytes
+from lsfa_jax.atomic_io import atomic_write_bytes
 
 TITLE_HEIGHT = 14  # pixels of title strip above the panels
 CONTOUR_RGB = (0, 255, 0)
@@ -59,6 +61,24 @@ def shared_scale(anomaly_maps: np.ndarray) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
+def fixed_scale(normal_maps: np.ndarray) -> tuple[float, float]:
+    """(N, H, W) maps of normal validation samples -> (vmin, vmax) = (median, max) of their pixels.
+
+    Why these: the scale depends only on the model (stored with it), never on the maps being
+    drawn, so one colour is one score for every sample and call. With vmin at the median, the
+    typical normal surface takes the coldest colour; with vmax at the largest normal validation
+    pixel, only scores above anything a normal sample reached take the hottest one. A constant
+    set of maps gives (value, value + 1).
+    """
+    maps = np.asarray(normal_maps, np.float64)
+    if maps.ndim != 3 or maps.size == 0 or not np.all(np.isfinite(maps)):
+        raise ValueError(
+            f"overlays: fixed_scale needs non-empty finite (N, H, W) maps; got shape {maps.shape}"
+        )
+    lo, hi = float(np.median(maps)), float(maps.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
 def _title_strip(title: str, width: int) -> np.ndarray:
     img = Image.new("RGB", (width, TITLE_HEIGHT), (255, 255, 255))
     ImageDraw.Draw(img).text((2, 1), title, fill=(0, 0, 0))
@@ -77,7 +97,7 @@ def overlay_image(
     """The panel as (TITLE_HEIGHT + H, 3 W, 3) uint8.
 
     Columns: the RGB image; the RGB image with the ground-truth contour in CONTOUR_RGB; the heat
-    map (colour scale [vmin, vmax], shared per class) blended over the RGB image.
+    map (colour scale [vmin, vmax], one per class) blended over the RGB image.
     """
     rgb = np.asarray(rgb_uint8)
     gt_mask = np.asarray(gt_mask)
@@ -88,7 +108,7 @@ def overlay_image(
     heat = heat_colors(anomaly_map, vmin, vmax).astype(np.float64)
     blended = np.round((1 - HEAT_ALPHA) * rgb + HEAT_ALPHA * heat).astype(np.uint8)
     panels = np.concatenate([rgb, contour, blended], axis=1)
-    full_title = f"{title} | scale [{vmin:.3g}, {vmax:.3g}] shared by the class"
+    full_title = f"{title} | colour scale [{vmin:.3g}, {vmax:.3g}] of the class"
     return np.concatenate([_title_strip(full_title, panels.shape[1]), panels], axis=0)
 
 
@@ -158,13 +178,15 @@ def save_class_overlays(
     *,
     k: int,
     sample_names: list[str] | None = None,
+    scale: tuple[float, float] | None = None,
 ) -> list[Path]:
-    """Overlays of one class's informative samples, all on the class's shared colour scale.
+    """Overlays of one class's informative samples, all on one colour scale.
 
     Args:
       rgb_uint8: (N, H, W, 3) uint8; gt_masks: (N, H, W); anomaly_maps: (N, H, W).
       labels, scores: (N,) as in `select_overlay_samples`.
       sample_names: (N,) names used in titles and file names (default: the index).
+      scale: (vmin, vmax), e.g. the model's `fixed_scale`; default `shared_scale(anomaly_maps)`.
 
     Returns the written paths, `<out_dir>/<class>_<group>_<rank>_<name>.png`.
     """
@@ -174,7 +196,7 @@ def save_class_overlays(
     names = [f"{i:03d}" for i in range(n)] if sample_names is None else list(sample_names)
     if len(names) != n:
         raise ValueError(f"overlays: {class_name}: {len(names)} sample names for {n} samples")
-    vmin, vmax = shared_scale(anomaly_maps)
+    vmin, vmax = shared_scale(anomaly_maps) if scale is None else scale
     paths = []
     for group, indices in select_overlay_samples(labels, scores, k).items():
         for rank, i in enumerate(indices):

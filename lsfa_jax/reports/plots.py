@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # headless: no display on the training machines
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lsfa_jax.reports import atomic_write_bytes
+from lsfa_jax.atomic_io import atomic_write_bytes
 
 PRO_LIMITS = (0.3, 0.01)  # the FPR limits of AUPRO@0.3 and AUPRO@0.01
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]

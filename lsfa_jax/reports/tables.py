@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lsfa_jax.reports import atomic_write_text, paper_results
+from lsfa_jax.atomic_io import atomic_write_text
+from lsfa_jax.reports import paper_results
 
 SETTINGS = ("RGB", "3D", "RGB+3D")
 METRICS = ("i_auroc", "aupro_30", "aupro_01", "p_auroc")

@@ -1,0 +1,47 @@
+"""The one atomic file writer: readers see the old file or the new one, never a partial one.
+
+Every write goes to a hidden temp file in the target's folder (so the rename stays on one file
+system), is fsynced, then renamed over the target with `os.replace`. On any failure the temp file
+is removed and the previous file is left as it was. A process killed mid-write can leave only its
+hidden temp file `.<name>.<random>.tmp` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically, creating its folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text through `atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> Path:
+    """`json.dumps(obj, **json_kwargs)` plus a newline through `atomic_write_bytes`.
+
+    `indent` defaults to 2. The whole document is serialised before the temp file is opened, so
+    an object that cannot be serialised leaves no file behind at all.
+    """
+    json_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
