@@ -27,7 +27,7 @@ METRIC_TITLES = {
     "aupro_01": "AUPRO@0.01",
     "p_auroc": "P-AUROC",
 }
-DATASET_CLASSES = {"mvtec3d": paper_results.CLASSES}
+DATASET_CLASSES = paper_results.DATASET_CLASSES
 THRESHOLD_FIELDS = ("threshold", "precision", "recall")
 
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
@@ -111,7 +111,8 @@ def build_table(
     """The JSON-ready table: {metric: {setting: {class|"mean": cell}}}.
 
     cell = {"value": float|None, "paper": float|None, "diff": float|None, "notes": [str]};
-    "paper" is set only for MVTec 3D-AD with `paper_method`, where the paper publishes the value.
+    "paper" is set only with `paper_method`, for a dataset in `paper_results.DATASETS`, where the
+    paper publishes the value.
     """
     validate_results(results, notes)
     if paper_method is not None and paper_method not in paper_results.METHODS:
@@ -119,14 +120,15 @@ def build_table(
             f"tables: unknown paper_method {paper_method!r}; expected one of "
             f"{paper_results.METHODS}"
         )
-    if paper_method is not None and dataset != "mvtec3d":
+    if paper_method is not None and dataset not in paper_results.DATASETS:
+        known = " and ".join(sorted(paper_results.DATASETS))
         raise ValueError(
-            f"tables: paper numbers are transcribed for mvtec3d only, not {dataset!r}; "
+            f"tables: paper numbers are transcribed for {known} only, not {dataset!r}; "
             "pass paper_method=None"
         )
     use_paper = paper_method is not None
     classes = class_order(results, dataset)
-    all_classes = set(paper_results.CLASSES) <= set(classes)
+    all_classes = set(DATASET_CLASSES.get(dataset, ())) <= set(classes)
     table: dict = {}
     for metric in _metrics(results):
         table[metric] = {}
@@ -145,7 +147,7 @@ def build_table(
                     value = _value(results, setting, name, metric)
                     cell_notes = _cell_notes(results, notes, setting, name, metric)
                 paper = (
-                    paper_results.paper_value(paper_method, setting, metric, name)
+                    paper_results.paper_value(paper_method, setting, metric, name, dataset)
                     if use_paper
                     else None
                 )
@@ -174,11 +176,11 @@ def _fmt_diff(value: float | None) -> str:
     return "" if value is None else f"{value:+.3f}"
 
 
-def _paper_source_lines(paper_method: str) -> list[str]:
+def _paper_source_lines(paper_method: str, dataset: str) -> list[str]:
     lines = []
-    for setting, label in paper_results.METHOD_ROWS[paper_method].items():
-        for metric in paper_results.PAPER_METRICS:
-            row = paper_results.find_row(metric, setting, label)
+    for setting, label in paper_results.DATASET_METHOD_ROWS[dataset][paper_method].items():
+        for metric in paper_results.DATASET_PAPER_METRICS[dataset]:
+            row = paper_results.find_row(metric, setting, label, dataset)
             if row is None:
                 continue
             state = "unavailable" if row.values is None else "used"
@@ -191,6 +193,8 @@ def _paper_source_lines(paper_method: str) -> list[str]:
                 f"- {METRIC_TITLES[metric]} {setting}: {row.table} row '{label}' ({state}; "
                 f"{mean if row.values is not None else row.note})"
             )
+    if dataset in paper_results.DATASET_NOTES:
+        lines.append(f"- Note: {paper_results.DATASET_NOTES[dataset]}.")
     return lines
 
 
@@ -199,7 +203,7 @@ def render_markdown(table: dict, *, paper_method: str | None, dataset: str) -> s
     lines = [f"# Results: {dataset}", ""]
     if paper_method is not None:
         lines += [f"Paper numbers: LSFA (ECCV 2024), rows matching method `{paper_method}`.", ""]
-        lines += [*_paper_source_lines(paper_method), ""]
+        lines += [*_paper_source_lines(paper_method, dataset), ""]
     for metric, per_setting in table.items():
         settings = list(per_setting)
         with_paper = any(
