@@ -290,35 +290,34 @@ def fusion_to_dict(fused: Fusion) -> dict:
     }
 
 
+def _level_from_dict(method: str, record: Mapping) -> Level:
+    if method == "ocsvm":
+        level = LinearFuser(
+            coef=tuple(float(c) for c in record["coef"]), rgb_factor=float(record["rgb_factor"])
+        )
+        if len(level.coef) != 2:
+            raise ValueError(f"an ocsvm coef has 2 entries; got {len(level.coef)}")
+        return level
+    level = {m: ScoreNormaliser(**n) for m, n in record.items()}
+    if not level or any(n.method != method or not n.scale > 0.0 for n in level.values()):
+        raise ValueError(f"normalisers do not match method {method!r}: {level}")
+    return level
+
+
 def fusion_from_dict(record: Mapping, where: str = "fusion.fusion_from_dict") -> Fusion:
     """The Fusion `fusion_to_dict` described; `where` (e.g. the file read) names bad input."""
-    try:
-        method = record["method"]
-        if method in NORMALISATION_METHODS:
-            levels = [
-                {m: ScoreNormaliser(**n) for m, n in record[name].items()}
-                for name in ("image", "pixel")
-            ]
-            for level in levels:
-                if any(n.method != method or not n.scale > 0.0 for n in level.values()):
-                    raise ValueError(f"normalisers do not match method {method!r}: {level}")
-        elif method == "ocsvm":
-            levels = [
-                LinearFuser(
-                    coef=tuple(float(c) for c in record[name]["coef"]),
-                    rgb_factor=float(record[name]["rgb_factor"]),
-                )
-                for name in ("image", "pixel")
-            ]
-            if any(len(level.coef) != 2 for level in levels):
-                raise ValueError("an ocsvm coef must have 2 entries")
-        else:
-            raise ValueError(f"method {method!r} not in {FUSION_METHODS}")
-    except (KeyError, TypeError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"{where}: not a fusion record ({type(error).__name__}: {error})"
-        ) from error
-    return Fusion(method=method, image=levels[0], pixel=levels[1])
+    method = record.get("method") if isinstance(record, Mapping) else None
+    if method not in FUSION_METHODS:
+        raise ValueError(f"{where}: not a fusion record: method {method!r} not in {FUSION_METHODS}")
+    levels = {}
+    for name in ("image", "pixel"):
+        try:
+            levels[name] = _level_from_dict(method, record[name])
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(
+                f"{where}: not a fusion record: bad {name!r} entry of a {method} fusion: {error!r}"
+            ) from error
+    return Fusion(method=method, **levels)
 
 
 def calibrate_threshold(
