@@ -22,7 +22,7 @@ import numpy as np
 
 from lsfa_jax import fusion
 from lsfa_jax.atomic_io import atomic_write_bytes, atomic_write_json
-from lsfa_jax.patchcore.bank import MemoryBank
+from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.normalisation import FeatureStats
 
 # npz has no bfloat16: such rows are stored as their uint16 bit patterns plus the dtype name.
@@ -57,7 +57,8 @@ def save_bank(path: Path, bank: MemoryBank) -> None:
 
 
 def load_bank(path: Path) -> MemoryBank:
-    """The bank `save_bank` wrote; files without a dtype entry hold float32 rows."""
+    """The bank `save_bank` wrote, with its search index; files without a dtype entry hold
+    float32 rows."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: memory bank not found (was the run completed?)")
     with np.load(path) as data:
@@ -67,11 +68,12 @@ def load_bank(path: Path) -> MemoryBank:
         features = data["features"]
         if dtype == "bfloat16":
             features = features.view(jnp.bfloat16)
-        return MemoryBank(
+        bank = MemoryBank(
             features=jnp.asarray(features, BANK_DTYPES[dtype]),
             valid=jnp.asarray(data["valid"]),
             stats=FeatureStats(mean=jnp.asarray(data["mean"]), std=jnp.asarray(data["std"])),
         )
+    return with_search_index(bank)
 
 
 def save_class_model(path: Path, model: ClassModel) -> None:
