@@ -4,8 +4,10 @@ same pipeline as MVTec 3D-AD.
   python main.py --config=configs/eyecandies.py --config.data_dir=data/eyecandies \\
       --config.rgb_weights=... --config.point_weights=...
 
-The conversion (lsfa_jax/data/eyecandies.py) back-projects the depth maps with the dataset's
-intrinsics and removes the background itself, so support-plane removal is off.
+The conversion (lsfa_jax/data/eyecandies.py) follows M3DM's utils/preprocess_eyecandies.py, the
+preprocessing behind the paper's Table 3: it back-projects the depth maps with the dataset's
+intrinsics and pose and removes the table and far / wide points itself, writing them as (0, 0, 0)
+(missing), so support-plane removal is off.
 """
 
 import ml_collections
