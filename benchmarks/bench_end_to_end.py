@@ -39,15 +39,8 @@ from lsfa_jax.patchcore.normalisation import FeatureStats
 from lsfa_jax.patchcore.scorer import score_batch
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample/cable_gland"
-POINT_CFG = dict(
-    num_group=1024,
-    group_size=128,
-    trans_dim=384,
-    depth=12,
-    num_heads=6,
-    mlp_ratio=4,
-    out_layers=(3, 7, 11),
-)
+# The real Point-MAE shape (1024 groups of 128, 12 x 384, taps 3/7/11): the encoder's defaults.
+POINT_CFG = {f: getattr(point_mae.PointMAEEncoder, f) for f in point_mae.CONFIG_FIELDS}
 # Reference notes 7.5: `pointrgbfeatblockmae_all0.log`, original PyTorch code, unknown GPU.
 REFERENCE_S_PER_IMAGE = {
     "feature extraction (train)": (3.4, 3.7),

@@ -1,4 +1,4 @@
-"""Point-branch throughput and peak memory: JAX vs the torch reference of tests/test_point_mae.py.
+"""Point-branch throughput and peak memory: JAX vs the torch reference (torch_reference.py).
 
 One organized cloud (default: MVTec 3D-AD cable_gland test/good/000, legacy-nearest resized to
 224x224) goes through the whole point branch at the real config (1024 groups of 128, 12 x 384
@@ -16,21 +16,16 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import torch_reference as reference
+
+from lsfa_jax.atomic_io import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_XYZ = REPO.parent / "shared/data/mvtec3d_sample/cable_gland/test/good/xyz/000.tiff"
-CFG = dict(
-    num_group=1024,
-    group_size=128,
-    trans_dim=384,
-    depth=12,
-    num_heads=6,
-    mlp_ratio=4,
-    out_layers=(3, 7, 11),
-)
+CFG = reference.REAL_CFG
 
 
 def _peak_rss_mib() -> float:
@@ -41,9 +36,6 @@ def _run_backend(backend: str, xyz: Path, repeats: int) -> dict:
     """Runs in the child process: times `repeats` warm calls after one first call."""
     import numpy as np
     import tifffile
-
-    sys.path.insert(0, str(REPO / "tests"))
-    import test_point_mae as reference
 
     cloud = reference.legacy_nearest_224(tifffile.imread(xyz).astype(np.float32))
     n_valid = int(np.all(cloud != 0, axis=-1).sum())
@@ -120,10 +112,7 @@ def main() -> None:
             f"{r['first_call_s']:13.2f} {r['peak_rss_mib']:13.0f} {r['rss_before_run_mib']:15.0f}"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False) as tmp:
-            json.dump(dict(xyz=str(args.xyz), config=CFG, results=results), tmp, indent=2)
-        os.replace(tmp.name, args.out)
+        atomic_write_json(args.out, dict(xyz=str(args.xyz), config=CFG, results=results))
 
 
 if __name__ == "__main__":
