@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.base import get_base_config
 from lsfa_jax import fusion
-from lsfa_jax.jobs import model_store
+from lsfa_jax.jobs import evaluate, model_store
+from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.patchcore.bank import build_memory_bank
 
 
@@ -96,3 +98,13 @@ def test_model_folder_of_an_older_version_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"fusion\.json: no map_scale.*run mode=eval"):
         model_store.load_class_model(path)
+
+
+def test_bank_dtype_setting() -> None:
+    config = get_base_config()
+    assert evaluate.bank_dtype(config) == jnp.float32
+    config.patchcore.bank_dtype = "bfloat16"
+    assert evaluate.bank_dtype(config) == jnp.bfloat16
+    config.patchcore.bank_dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config\.patchcore\.bank_dtype='float16'"):
+        evaluate.bank_dtype(config)
