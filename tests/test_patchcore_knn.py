@@ -167,3 +167,75 @@ def test_screened_is_traced_once_per_shape():
         q = jnp.asarray(np.random.default_rng(seed).normal(size=(10, 16)), jnp.float32)
         knn.screened_nearest_neighbour(q, features, index, bank_chunk=64)
     assert knn.screened_nearest_neighbour._cache_size() == 1
+
+
+def low_rank_problem(n_bank=1024, dim=64, rank=12, seed=4):
+    """Rows and queries near a `rank`-dimensional subspace, as patch features largely are."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(rank, dim))
+    bank = rng.normal(size=(n_bank, rank)) @ mixing + 0.01 * rng.normal(size=(n_bank, dim))
+    queries = rng.normal(size=(60, rank)) @ mixing + 0.01 * rng.normal(size=(60, dim))
+    return queries.astype(np.float32), bank.astype(np.float32)
+
+
+def approximate(queries, bank, valid, dim, **kw):
+    index = knn.approximate_index(jnp.asarray(bank), jnp.asarray(valid), dim=dim)
+    dist, idx, uncertain = knn.approximate_nearest_neighbour(
+        jnp.asarray(queries), jnp.asarray(bank), index, **kw
+    )
+    return np.asarray(dist), np.asarray(idx), int(uncertain)
+
+
+def test_approximate_finds_the_nearest_rows_of_low_rank_data():
+    queries, bank = low_rank_problem()
+    valid = np.ones(len(bank), bool)
+    valid[::7] = False
+    dist, idx, uncertain = approximate(queries, bank, valid, dim=16, bank_chunk=256)
+    ref_d, ref_i = brute_nn(queries, bank, valid)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    assert uncertain < len(queries)  # most answers are even proven exact on such data
+
+
+def test_approximate_distances_are_true_distances_of_the_returned_rows():
+    """With too few directions for random data the answer may be a farther row, but its
+    distance is that row's true distance: never below the nearest one."""
+    rng = np.random.default_rng(8)
+    bank = rng.normal(size=(512, 32)).astype(np.float32)
+    queries = rng.normal(size=(80, 32)).astype(np.float32)
+    valid = np.ones(512, bool)
+    dist, idx, uncertain = approximate(queries, bank, valid, dim=4, bank_chunk=128, candidates=2)
+    ref_d, ref_i = brute_nn(queries, bank, valid)
+    own = np.linalg.norm(queries.astype(np.float64) - bank[idx].astype(np.float64), axis=1)
+    np.testing.assert_allclose(dist, own, rtol=1e-4, atol=1e-4)
+    assert np.all(dist >= ref_d * (1 - 1e-5))
+    wrong = np.sum(idx != ref_i)
+    assert 0 < wrong <= uncertain  # a wrong answer is never one claimed proven
+
+
+def test_approximate_on_every_direction_is_proven_exact():
+    rng = np.random.default_rng(9)
+    bank = rng.normal(size=(256, 24)).astype(np.float32)
+    queries = rng.normal(size=(40, 24)).astype(np.float32)
+    valid = np.ones(256, bool)
+    dist, idx, uncertain = approximate(queries, bank, valid, dim=24, bank_chunk=64)
+    ref_d, ref_i = brute_nn(queries, bank, valid)
+    assert uncertain == 0
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=2e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"dim must be in 1\.\.24"):
+        knn.approximate_index(jnp.asarray(bank), jnp.asarray(valid), dim=25)
+
+
+def test_score_batch_approximate_on_low_rank_data_equals_exact():
+    queries, bank_rows = low_rank_problem(n_bank=512, dim=32, rank=8)
+    stats = FeatureStats(mean=jnp.zeros(()), std=jnp.ones(()))
+    bank = MemoryBank(jnp.asarray(bank_rows), jnp.ones(512, bool), stats)
+    images = jnp.asarray(queries[:48].reshape(3, 16, 32))
+    exact = scorer.score_batch(bank, images, out_size=16, search="exact", bank_chunk=128)
+    for b in (bank, with_search_index(bank, approximate_dim=12)):
+        got = scorer.score_batch(
+            b, images, out_size=16, search="approximate", approximate_dim=12, bank_chunk=128
+        )
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(exact[0]), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(exact[1]), rtol=1e-4, atol=1e-5)

@@ -3,7 +3,10 @@
 from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, with_search_index
 from lsfa_jax.patchcore.coreset import coreset_size, greedy_coreset
 from lsfa_jax.patchcore.knn import (
+    ApproximateIndex,
     SearchIndex,
+    approximate_index,
+    approximate_nearest_neighbour,
     nearest_neighbours,
     screened_nearest_neighbour,
     search_index,
@@ -16,10 +19,13 @@ from lsfa_jax.patchcore.scorer import (
 )
 
 __all__ = [
+    "ApproximateIndex",
     "FeatureStats",
     "MemoryBank",
     "SearchIndex",
     "anomaly_map",
+    "approximate_index",
+    "approximate_nearest_neighbour",
     "build_memory_bank",
     "coreset_size",
     "fit_feature_stats",

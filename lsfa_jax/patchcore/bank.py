@@ -9,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsfa_jax.patchcore.coreset import coreset_size, greedy_coreset
-from lsfa_jax.patchcore.knn import SearchIndex, search_index
+from lsfa_jax.patchcore.knn import (
+    ApproximateIndex,
+    SearchIndex,
+    approximate_index,
+    search_index,
+)
 from lsfa_jax.patchcore.normalisation import (
     FeatureStats,
     fit_feature_stats,
@@ -21,19 +26,27 @@ from lsfa_jax.patchcore.normalisation import (
 class MemoryBank(NamedTuple):
     """features (M, D) normalised rows (float32 or bfloat16), zero beyond the real rows;
     valid (M,) bool, True for real rows; stats: the library's standardisation constants
-    (queries are normalised with them before the search); index: the screened search's bank
-    data (`with_search_index`), or None to compute it in every scoring call. M is padded to a
-    fixed size so that jitted scoring compiles once for banks of different classes."""
+    (queries are normalised with them before the search); index / approximate: the screened /
+    approximate search's bank data (`with_search_index`), or None to compute it in every
+    scoring call that needs it. M is padded to a fixed size so that jitted scoring compiles
+    once for banks of different classes."""
 
     features: jax.Array
     valid: jax.Array
     stats: FeatureStats
     index: SearchIndex | None = None
+    approximate: ApproximateIndex | None = None
 
 
-def with_search_index(bank: MemoryBank) -> MemoryBank:
-    """The bank with its SearchIndex computed once (scoring calls then reuse it)."""
-    return bank._replace(index=search_index(bank.features, bank.valid))
+def with_search_index(bank: MemoryBank, approximate_dim: int | None = None) -> MemoryBank:
+    """The bank with its SearchIndex (and, given approximate_dim, its ApproximateIndex on that
+    many principal directions) computed once; scoring calls then reuse them."""
+    approximate = (
+        None
+        if approximate_dim is None
+        else approximate_index(bank.features, bank.valid, dim=approximate_dim)
+    )
+    return bank._replace(index=search_index(bank.features, bank.valid), approximate=approximate)
 
 
 def padded_bank_size(n_rows: int, multiple: int) -> int:

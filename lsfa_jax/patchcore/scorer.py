@@ -17,6 +17,8 @@ from PIL import Image, ImageFilter
 
 from lsfa_jax.patchcore.bank import MemoryBank
 from lsfa_jax.patchcore.knn import (
+    approximate_index,
+    approximate_nearest_neighbour,
     nearest_neighbours,
     screened_nearest_neighbour,
     search_index,
@@ -166,7 +168,8 @@ def _screen_chunk(n_bank: int, bank_chunk: int) -> int | None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("out_size", "reweight", "sigma", "bank_chunk", "search")
+    jax.jit,
+    static_argnames=("out_size", "reweight", "sigma", "bank_chunk", "search", "approximate_dim"),
 )
 def _score_images(
     bank: MemoryBank,
@@ -178,6 +181,7 @@ def _score_images(
     sigma: float | None,
     bank_chunk: int,
     search: str,
+    approximate_dim: int,
 ) -> tuple[jax.Array, jax.Array]:
     batch, n_patches, dim = queries.shape
     grid = math.isqrt(n_patches)
@@ -196,6 +200,16 @@ def _score_images(
                 bank_chunk=screen_chunk,
                 group=SCREEN_GROUP,
                 exact_chunk=bank_chunk,
+            )
+            return dist, idx
+    elif search == "approximate" and screen_chunk is not None:
+        approximate = bank.approximate
+        if approximate is None or approximate.basis.shape[1] != approximate_dim:
+            approximate = approximate_index(bank.features, bank.valid, dim=approximate_dim)
+
+        def nearest(features):
+            dist, idx, _ = approximate_nearest_neighbour(
+                features, bank.features, approximate, bank_chunk=screen_chunk, group=SCREEN_GROUP
             )
             return dist, idx
     else:
@@ -239,6 +253,7 @@ def score_batch(
     patch_mask: jax.Array | None = None,
     bank_chunk: int = 4096,
     search: str = "screened",
+    approximate_dim: int = 128,
 ) -> tuple[jax.Array, jax.Array]:
     """Scores a batch of images of one modality against its memory bank.
 
@@ -255,13 +270,19 @@ def score_batch(
       bank_chunk: bank rows per kNN scan step.
       search: "screened" (bfloat16 screen certified in float32, see `knn`; needs a bank whose
         rows are a multiple of min(bank_chunk, M) and of 8, else the float32 search runs) or
-        "exact" (the float32 search). Both give the float32 nearest rows.
+        "exact" (the float32 search). Both give the float32 nearest rows. "approximate"
+        (opt-in): screen on `approximate_dim` principal directions of the bank, re-rank in
+        float32 (`knn.approximate_nearest_neighbour`); distances can only come out too large.
+      approximate_dim: directions of the approximate search (its index is taken from
+        bank.approximate when that has this many, else computed in the call).
 
     Returns:
       image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
     """
-    if search not in ("screened", "exact"):
-        raise ValueError(f"score_batch: search must be 'screened' or 'exact', got {search!r}")
+    if search not in ("screened", "exact", "approximate"):
+        raise ValueError(
+            f"score_batch: search must be 'screened', 'exact' or 'approximate', got {search!r}"
+        )
     if blur not in ("gaussian", "pil", "none"):
         raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
     if queries.ndim != 3 or queries.shape[-1] != bank.features.shape[-1]:
@@ -277,6 +298,7 @@ def score_batch(
         sigma=float(sigma) if blur == "gaussian" else None,
         bank_chunk=bank_chunk,
         search=search,
+        approximate_dim=min(approximate_dim, bank.features.shape[1]),
     )
     if blur == "pil":
         maps = jnp.asarray(pil_blur(np.asarray(maps), sigma))
