@@ -38,10 +38,15 @@ from lsfa_jax.jobs.model_store import (
 from lsfa_jax.jobs.prepare import prepared_dataset
 from lsfa_jax.jobs.train import train_lsfa
 from lsfa_jax.models.adaptors import apply_adaptors
-from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, padded_bank_size
+from lsfa_jax.patchcore.bank import (
+    MemoryBank,
+    build_memory_bank,
+    padded_bank_size,
+    with_search_index,
+)
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
-from lsfa_jax.reports import overlays, plots, tables
+from lsfa_jax.reports import overlays, paper_results, plots, tables
 from lsfa_jax.reports.manifest import RunManifest
 
 SETTING_OF_MODALITY = {"rgb": "RGB", "xyz": "3D"}
@@ -132,9 +137,16 @@ def score_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, P, C) features -> image scores (N,) and maps (N, S, S), in batches of fixed size.
 
-    The last batch is padded to the full batch size so the jitted scorer compiles once.
+    The last batch is padded to the full batch size so the jitted scorer compiles once. The
+    bank's search index for `config.patchcore.search` is computed here once if it lacks it.
     """
     size = config.batch_size
+    search = config.patchcore.search
+    approximate_dim = min(config.patchcore.approximate_dim, bank.features.shape[1])
+    if search == "approximate" and bank.approximate is None:
+        bank = with_search_index(bank, approximate_dim=approximate_dim)
+    elif search == "screened" and bank.index is None:
+        bank = with_search_index(bank)
     scores, maps = [], []
     for start in tqdm(range(0, len(features), size), desc=desc, unit="batch", leave=False):
         chunk = np.asarray(features[start : start + size], np.float32)
@@ -148,6 +160,8 @@ def score_split(
             reweight=config.patchcore.reweight,
             blur=config.patchcore.blur,
             sigma=config.patchcore.blur_sigma,
+            search=search,
+            approximate_dim=approximate_dim,
         )
         scores.append(np.asarray(batch_scores)[:real])
         maps.append(np.asarray(batch_maps)[:real])
@@ -243,9 +257,38 @@ def bank_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     return jnp.dtype(BANK_DTYPES[name])
 
 
+SEARCHES = ("screened", "exact", "approximate")
+
+
+def check_patchcore_config(config: ml_collections.ConfigDict) -> None:
+    """Fails before any work on a bad `config.patchcore` setting."""
+    bank_dtype(config)
+    patchcore = config.patchcore
+    if patchcore.search not in SEARCHES:
+        raise ConfigError(f"config.patchcore.search={patchcore.search!r}: use one of {SEARCHES}")
+    if patchcore.approximate_dim < 1:
+        raise ConfigError(
+            f"config.patchcore.approximate_dim={patchcore.approximate_dim}: must be >= 1"
+        )
+    if patchcore.max_train_samples < 0:
+        raise ConfigError(
+            f"config.patchcore.max_train_samples={patchcore.max_train_samples}: must be >= 0 "
+            "(0: every training sample)"
+        )
+
+
+def bank_samples(config: ml_collections.ConfigDict, n_train: int) -> int:
+    """Training samples of a class that go into its banks (`patchcore.max_train_samples`)."""
+    cap = config.patchcore.max_train_samples
+    return min(n_train, cap) if cap > 0 else n_train
+
+
 def bank_padded_size(source: FeatureSource, classes, ratio: float) -> int:
     """One padded bank size for every class, so the scorer compiles once per modality."""
-    rows = [len(source.split(c, "train")) * source.config.grid_size**2 for c in classes]
+    rows = [
+        bank_samples(source.config, len(source.split(c, "train"))) * source.config.grid_size**2
+        for c in classes
+    ]
     return padded_bank_size(coreset_size(max(rows), ratio), 4096)
 
 
@@ -275,7 +318,8 @@ def evaluate_one_class(
     labels = splits["test"].label
     val_out, test_out = {}, {}
     for modality in source.modalities:
-        library = np.asarray(arrays["train"][modality], np.float32)
+        n_bank_samples = bank_samples(config, len(splits["train"]))
+        library = np.asarray(arrays["train"][modality][:n_bank_samples], np.float32)
         library = library.reshape(-1, library.shape[-1])
         ratio = (
             config.patchcore.rgb_coreset_ratio
@@ -386,7 +430,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     manifest = RunManifest(config.to_dict())
     manifest.set_seed("seed", config.seed)
     classes = selected_classes(config)
-    bank_dtype(config)  # a bad setting fails before any work
+    check_patchcore_config(config)  # a bad setting fails before any work
     with manifest.stage("prepare"):
         prepared = prepared_dataset(config, workdir)
     source = feature_source(config, prepared, cache_dir(config, workdir))
@@ -436,7 +480,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
             "config": config.to_dict(),
         },
     )
-    paper_method = config.method if config.data.name == "mvtec3d" else None
+    paper_method = config.method if config.data.name in paper_results.DATASETS else None
     paths = tables.write_result_tables(
         results,
         workdir / "results",

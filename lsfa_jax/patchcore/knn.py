@@ -240,29 +240,28 @@ def _screen_candidates(
 def _rerank(
     queries: jax.Array, features: jax.Array, sq_norms: jax.Array, group_ids: jax.Array, group: int
 ) -> tuple[jax.Array, jax.Array]:
-    """float32 ||x||^2 - 2 q.x of every row of the given groups -> best value (Q,) and its row
-    (Q,) int32, the lowest row index on exact ties.
+    """Squared distances ||q - x||^2 to every row of the given groups -> the smallest (Q,)
+    float32 and its row (Q,) int32, the lowest row index on exact ties.
 
-    queries (Q, D) float32; features (M, D); sq_norms (M,) (+inf: invalid); group_ids (Q, c).
+    Computed from the differences, not as ||q||^2 + ||x||^2 - 2 q.x: no cancellation, so small
+    distances (normal patches next to their bank rows) are accurate to float32 rounding.
+    queries (Q, D) float32; features (M, D); sq_norms (M,) (+inf marks invalid rows);
+    group_ids (Q, c).
     """
     n_queries, n_groups = group_ids.shape
     rows = group_ids[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)
     rows = rows.reshape(n_queries, n_groups * group)
-    partial = sq_norms[rows] - 2.0 * jnp.einsum(
-        "qd,qrd->qr", queries, features[rows].astype(jnp.float32), precision=_HIGHEST
-    )
-    best = jnp.min(partial, axis=1)
-    best_row = jnp.min(jnp.where(partial == best[:, None], rows, features.shape[0]), axis=1)
+    diff = queries[:, None, :] - features[rows].astype(jnp.float32)
+    sq_dist = jnp.where(jnp.isfinite(sq_norms[rows]), jnp.sum(jnp.square(diff), axis=-1), jnp.inf)
+    best = jnp.min(sq_dist, axis=1)
+    best_row = jnp.min(jnp.where(sq_dist == best[:, None], rows, features.shape[0]), axis=1)
     return best, best_row
 
 
-def _distances(
-    queries: jax.Array, best: jax.Array, best_row: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(||x||^2 - 2 q.x, row) -> (distance, row), inf and -1 where no row was valid."""
-    dist = jnp.sqrt(jnp.maximum(best + jnp.sum(jnp.square(queries), axis=-1), 0.0))
+def _distances(best: jax.Array, best_row: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(squared distance, row) -> (distance, row), inf and -1 where no row was valid."""
     finite = jnp.isfinite(best)
-    return jnp.where(finite, dist, jnp.inf), jnp.where(finite, best_row, -1).astype(jnp.int32)
+    return jnp.sqrt(best), jnp.where(finite, best_row, -1).astype(jnp.int32)
 
 
 @functools.partial(
@@ -296,9 +295,13 @@ def screened_nearest_neighbour(
     Returns:
       distances (Q,) float32, indices (Q,) int32 (-1 and inf where no row is valid) and the
       number of queries whose certificate failed (() int32, for benchmarks and tests).
-    The answer is the float32 nearest row, as `nearest_neighbours(..., k=1)` gives: a row of
-    another group can only be nearer than the re-ranked best if its lower bound is, which the
-    certificate excludes. On exact ties the lowest index wins.
+    The answer is the nearest row, as `nearest_neighbours(..., k=1)` gives (rows whose
+    distances differ by float32 rounding only may be swapped): a row of another group can only
+    be nearer than the re-ranked best if its lower bound is, which the certificate excludes. On
+    exact ties the lowest index wins. Certified distances are computed from the differences,
+    so they are more accurate than the expanded ||q||^2 + ||x||^2 - 2 q.x of the float32
+    search (used for the queries searched again), which loses about 1e-7 ||q||^2 to
+    cancellation.
     """
     queries = queries.astype(jnp.float32)
     n_queries = queries.shape[0]
@@ -316,7 +319,7 @@ def screened_nearest_neighbour(
     )
     best, best_row = _rerank(queries, features, index.sq_norms, group_ids[:, :candidates], group)
     # Every row outside the re-ranked groups has a distance >= its group's bound >= this.
-    certified = bounds[:, candidates] >= best
+    certified = bounds[:, candidates] + jnp.sum(jnp.square(queries), axis=-1) >= best
     n_failed = jnp.sum(~certified).astype(jnp.int32)
     valid = jnp.isfinite(index.sq_norms)
 
@@ -325,7 +328,7 @@ def screened_nearest_neighbour(
         return dist[:, 0], idx[:, 0]
 
     def certified_only(_):
-        return _distances(queries, best, best_row)
+        return _distances(best, best_row)
 
     def redo_failed(_):
         dist, idx = certified_only(None)
@@ -443,8 +446,6 @@ def approximate_nearest_neighbour(
     )
     best, best_row = _rerank(queries, features, index.sq_norms, group_ids[:, :candidates], group)
     # Projected squared distances (bounds + ||Pq||^2) are lower bounds of the full ones.
-    proven = bounds[:, candidates] + jnp.sum(jnp.square(projected), axis=-1) >= best + jnp.sum(
-        jnp.square(queries), axis=-1
-    )
-    dist, idx = _distances(queries, best, best_row)
+    proven = bounds[:, candidates] + jnp.sum(jnp.square(projected), axis=-1) >= best
+    dist, idx = _distances(best, best_row)
     return dist, idx, jnp.sum(~proven).astype(jnp.int32)
