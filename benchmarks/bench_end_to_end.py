@@ -34,7 +34,7 @@ from lsfa_jax.adaptation.train import build_model, default_adaptation_config
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params
-from lsfa_jax.patchcore.bank import MemoryBank
+from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.normalisation import FeatureStats
 from lsfa_jax.patchcore.scorer import score_batch
 
@@ -76,7 +76,10 @@ def random_bank(rows: int, dim: int, seed: int) -> MemoryBank:
     rng = np.random.default_rng(seed)
     features = jnp.asarray(rng.normal(size=(rows, dim)).astype(np.float32))
     stats = FeatureStats(jnp.float32(0.0), jnp.float32(1.0))
-    return MemoryBank(features=features, valid=jnp.ones((rows,), bool), stats=stats)
+    # The search index is built once per bank, as evaluate's banks carry it.
+    return with_search_index(
+        MemoryBank(features=features, valid=jnp.ones((rows,), bool), stats=stats)
+    )
 
 
 def measure_batch(batch: int, models: dict, banks: dict, clouds: np.ndarray, args) -> dict:
