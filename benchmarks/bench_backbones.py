@@ -16,10 +16,11 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from lsfa_jax.atomic_io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,13 +169,7 @@ def _worker(branch: str, impl: str, batch: int, repeats: int) -> None:
 
 
 def _write_json(results: list[dict[str, Any]], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "bench_backbones.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".bench_backbones.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, target)
-    return target
+    return atomic_write_json(out_dir / "bench_backbones.json", results)
 
 
 def main() -> None:

@@ -19,10 +19,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from lsfa_jax.atomic_io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, matmul_peak_gflops, parse_results
@@ -73,11 +74,11 @@ def run_benchmark(name: str, extra: list[str], raw_dir: Path, timeout: float) ->
         output = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else ""
         status = f"timed out after {timeout:.0f} s"
     seconds = time.perf_counter() - start
-    write_atomic(raw_dir / f"{name}.txt", output)
+    atomic_write_text(raw_dir / f"{name}.txt", output)
     print(f"[run_all] {name}: status {status}, {seconds:.0f} s", flush=True)
     meta = {"name": name, "command": f"{PY} {shlex.join(command)}", "status": status}
     meta["seconds"] = seconds
-    write_atomic(raw_dir / f"{name}.json", json.dumps(meta))
+    atomic_write_text(raw_dir / f"{name}.json", json.dumps(meta))
     return {**meta, "output": output}
 
 
@@ -88,14 +89,6 @@ def load_run(name: str, raw_dir: Path) -> dict[str, Any] | None:
         return None
     meta = json.loads(meta_path.read_text())
     return {**meta, "output": (raw_dir / f"{name}.txt").read_text()}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def ratio(reference: float, ours: float) -> str:
@@ -357,7 +350,7 @@ def write_summary(out: Path, machine: dict, peak: dict, runs: dict, quick: bool)
         else:
             lines += ["", *body]
     target = out / "summary.md"
-    write_atomic(target, "\n".join(lines) + "\n")
+    atomic_write_text(target, "\n".join(lines) + "\n")
     return target
 
 
@@ -386,7 +379,7 @@ def main() -> None:
             if not args.summarise_only
             else ("at summary time, not during the benchmark run")
         )
-        write_atomic(machine_file, json.dumps([machine, peak]))
+        atomic_write_text(machine_file, json.dumps([machine, peak]))
     runs = {}
     for name in args.only or SCRIPTS:
         if args.summarise_only:

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from benchmarks.torch_reference import TorchMlp
 from lsfa_jax.models import vit
 from lsfa_jax.models.checkpoint_io import CheckpointError, load_state_dict, save_orbax
 
@@ -39,17 +40,6 @@ class TorchAttention(nn.Module):
         attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
         out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
         return self.proj(out)
-
-
-class TorchMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class TorchBlock(nn.Module):
