@@ -258,6 +258,14 @@ def _rerank(
     return best, best_row
 
 
+def _check_blocks(caller: str, n_bank: int, bank_chunk: int, group: int) -> None:
+    if n_bank % bank_chunk or bank_chunk % group:
+        raise ValueError(
+            f"{caller}: bank rows ({n_bank}) must be a multiple of bank_chunk ({bank_chunk}), "
+            f"and bank_chunk a multiple of group ({group})"
+        )
+
+
 def _distances(best: jax.Array, best_row: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(squared distance, row) -> (distance, row), inf and -1 where no row was valid."""
     finite = jnp.isfinite(best)
@@ -306,11 +314,7 @@ def screened_nearest_neighbour(
     queries = queries.astype(jnp.float32)
     n_queries = queries.shape[0]
     n_bank = features.shape[0]
-    if n_bank % bank_chunk or bank_chunk % group:
-        raise ValueError(
-            f"screened_nearest_neighbour: bank rows ({n_bank}) must be a multiple of bank_chunk "
-            f"({bank_chunk}), and bank_chunk a multiple of group ({group})"
-        )
+    _check_blocks("screened_nearest_neighbour", n_bank, bank_chunk, group)
     # With every group re-ranked, the (candidates + 1)-th bound is +inf: certified.
     candidates = min(candidates, n_bank // group)
     spare = min(spare, n_queries)
@@ -434,11 +438,7 @@ def approximate_nearest_neighbour(
     """
     queries = queries.astype(jnp.float32)
     n_bank = features.shape[0]
-    if n_bank % bank_chunk or bank_chunk % group:
-        raise ValueError(
-            f"approximate_nearest_neighbour: bank rows ({n_bank}) must be a multiple of "
-            f"bank_chunk ({bank_chunk}), and bank_chunk a multiple of group ({group})"
-        )
+    _check_blocks("approximate_nearest_neighbour", n_bank, bank_chunk, group)
     candidates = min(candidates, n_bank // group)
     projected = jnp.einsum("qd,dr->qr", queries - index.mean, index.basis, precision=_HIGHEST)
     bounds, group_ids = _screen_candidates(
