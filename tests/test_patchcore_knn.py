@@ -239,3 +239,18 @@ def test_score_batch_approximate_on_low_rank_data_equals_exact():
         )
         np.testing.assert_allclose(np.asarray(got[0]), np.asarray(exact[0]), rtol=1e-4)
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(exact[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_with_search_index_computes_only_what_is_missing():
+    rng = np.random.default_rng(12)
+    stats = FeatureStats(mean=jnp.zeros(()), std=jnp.ones(()))
+    bank = with_search_index(
+        MemoryBank(jnp.asarray(rng.normal(size=(64, 16)), jnp.float32), jnp.ones(64, bool), stats)
+    )
+    assert bank.index is not None and bank.approximate is None
+    with_approximate = with_search_index(bank, approximate_dim=4)
+    assert with_approximate.index is bank.index  # kept, not recomputed
+    assert with_approximate.approximate.basis.shape == (16, 4)
+    again = with_search_index(with_approximate, approximate_dim=4)
+    assert again.approximate is with_approximate.approximate
+    assert with_search_index(again, approximate_dim=8).approximate.basis.shape == (16, 8)

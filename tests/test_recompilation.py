@@ -27,6 +27,11 @@ from lsfa_jax.patchcore.bank import build_memory_bank
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
 
+# The smallest Point-MAE branch the extractors and the tiny evaluations both run.
+TINY_POINT_BACKBONE = dict(
+    num_group=8, group_size=8, trans_dim=16, depth=2, num_heads=2, mlp_ratio=2, out_layers=(0, 1)
+)
+
 _COMPILING = re.compile(r"Compiling (?:jit\()?([^\s()]+)")
 
 
@@ -127,17 +132,7 @@ def test_extractors_compile_once_for_two_batches() -> None:
     points (packing to a fixed size with a mask keeps the shapes static)."""
     rgb_cfg = vit.ViTConfig(img_size=32, embed_dim=16, depth=1, num_heads=2)
     rgb_params = vit.init_random_vit_params(jax.random.key(0), rgb_cfg)
-    point_cfg = ml_collections.ConfigDict(
-        dict(
-            num_group=8,
-            group_size=8,
-            trans_dim=16,
-            depth=2,
-            num_heads=2,
-            mlp_ratio=2,
-            out_layers=(0, 1),
-        )
-    )
+    point_cfg = ml_collections.ConfigDict(TINY_POINT_BACKBONE)
     point_vars = point_mae.init_random_point_mae_variables(jax.random.key(1), point_cfg)
     rng = np.random.default_rng(0)
     batches = [
@@ -183,17 +178,7 @@ def _tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
     config.rgb_backbone = ml_collections.ConfigDict(
         dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2)
     )
-    config.point_backbone = ml_collections.ConfigDict(
-        dict(
-            num_group=8,
-            group_size=8,
-            trans_dim=16,
-            depth=2,
-            num_heads=2,
-            mlp_ratio=2,
-            out_layers=(0, 1),
-        )
-    )
+    config.point_backbone = ml_collections.ConfigDict(TINY_POINT_BACKBONE)
     config.grid_size = 8  # 32 px / patch 8 = 4 tokens, replicated 2x -> 8x8, as the point grid
     config.batch_size = 2  # splits of 3 and 5 samples: the last batch is padded
     config.patchcore.coreset_ratio = 0.25

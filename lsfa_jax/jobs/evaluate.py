@@ -143,10 +143,8 @@ def score_split(
     size = config.batch_size
     search = config.patchcore.search
     approximate_dim = min(config.patchcore.approximate_dim, bank.features.shape[1])
-    if search == "approximate" and bank.approximate is None:
-        bank = with_search_index(bank, approximate_dim=approximate_dim)
-    elif search == "screened" and bank.index is None:
-        bank = with_search_index(bank)
+    if search != "exact":
+        bank = with_search_index(bank, approximate_dim if search == "approximate" else None)
     scores, maps = [], []
     for start in tqdm(range(0, len(features), size), desc=desc, unit="batch", leave=False):
         chunk = np.asarray(features[start : start + size], np.float32)
@@ -317,8 +315,8 @@ def evaluate_one_class(
         raise RuntimeError(f"{class_name}: test features and images are not in the same order")
     labels = splits["test"].label
     val_out, test_out = {}, {}
+    n_bank_samples = bank_samples(config, len(splits["train"]))
     for modality in source.modalities:
-        n_bank_samples = bank_samples(config, len(splits["train"]))
         library = np.asarray(arrays["train"][modality][:n_bank_samples], np.float32)
         library = library.reshape(-1, library.shape[-1])
         ratio = (

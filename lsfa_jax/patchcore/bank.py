@@ -40,13 +40,15 @@ class MemoryBank(NamedTuple):
 
 def with_search_index(bank: MemoryBank, approximate_dim: int | None = None) -> MemoryBank:
     """The bank with its SearchIndex (and, given approximate_dim, its ApproximateIndex on that
-    many principal directions) computed once; scoring calls then reuse them."""
-    approximate = (
-        None
-        if approximate_dim is None
-        else approximate_index(bank.features, bank.valid, dim=approximate_dim)
-    )
-    return bank._replace(index=search_index(bank.features, bank.valid), approximate=approximate)
+    many principal directions); what it already holds is kept, only what is missing is
+    computed. Scoring calls then reuse them."""
+    index = bank.index if bank.index is not None else search_index(bank.features, bank.valid)
+    approximate = bank.approximate
+    if approximate_dim is not None and (
+        approximate is None or approximate.basis.shape[1] != approximate_dim
+    ):
+        approximate = approximate_index(bank.features, bank.valid, dim=approximate_dim)
+    return bank._replace(index=index, approximate=approximate)
 
 
 def padded_bank_size(n_rows: int, multiple: int) -> int:
