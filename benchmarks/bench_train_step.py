@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--global-bank", type=int, default=100)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=2, help="0: compile and memory only")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--precision", default="highest", choices=("highest", "tf32", "bf16"))
     args = parser.parse_args()
 
     cfg = default_adaptation_config()
@@ -54,7 +54,7 @@ def main() -> None:
             xyz_dim=args.xyz_dim,
             local_bank_size=args.bank,
             global_bank_size=args.global_bank,
-            bf16=args.bf16,
+            precision=args.precision,
             ifc_warmup_steps=0,
         )
     )

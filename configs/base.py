@@ -74,6 +74,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             feature_max_nn=100,
         )
     )
+    # highest | tf32 | bf16: operands of the backbones' and adaptors' layers (lsfa_jax/precision).
+    # highest matches the PyTorch float32 reference on every device; tf32 and bf16 are faster on
+    # GPUs (and bf16 on AMX CPUs) and opt-in. Distances are float32 at HIGHEST whatever it is.
+    config.precision = "highest"
     config.batch_size = 8  # feature extraction and scoring
     config.grid_size = 56
 
@@ -101,6 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # 9.2-6); here one flag covers both, off by default (patch tokens only, as in the paper).
     config.adaptation.prepend_cls = False
     config.adaptation.seed = config.get_ref("seed")
+    config.adaptation.precision = config.get_ref("precision")
     config.adaptation.few_shot = 0  # > 0: that many seeded training samples per class
 
     config.fusion = ml_collections.ConfigDict(

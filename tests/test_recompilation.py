@@ -233,7 +233,7 @@ def test_adaptors_apply_compiles_once_for_splits_of_different_sizes() -> None:
     patches, rgb_dim, xyz_dim = 4, 8, 12
     model = LSFAModel(rgb_dim=rgb_dim, xyz_dim=xyz_dim, proj_dim=4, rgb_heads=2, xyz_heads=2)
     cfg = ml_collections.ConfigDict(
-        dict(structure="encoder1", rgb_heads=2, xyz_heads=2, prepend_cls=False)
+        dict(structure="encoder1", rgb_heads=2, xyz_heads=2, prepend_cls=False, precision="highest")
     )
     adaptors = Adaptors(init_lsfa_params(model, jax.random.key(0), patches), cfg)
     rng = np.random.default_rng(0)

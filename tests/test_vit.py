@@ -117,8 +117,7 @@ def torch_tokens(model: TorchViT, images_nhwc: np.ndarray) -> np.ndarray:
 
 def jax_tokens(params, cfg: vit.ViTConfig, images_nhwc: np.ndarray) -> np.ndarray:
     model = vit.VisionTransformer.from_config(cfg)
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images_nhwc)))
+    return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images_nhwc)))
 
 
 def images(b: int, h: int, w: int, seed: int = 1) -> np.ndarray:
@@ -198,8 +197,7 @@ def test_patch_grid_is_adaptive_avg_pool(small_pth):
     model, path = small_pth
     params = vit.load_vit_params(path, SMALL)
     x = images(2, 32, 32)
-    with jax.default_matmul_precision("highest"):
-        grid, cls = vit.dino_patch_grid(params, jnp.asarray(x), model_cfg=SMALL, return_cls=True)
+    grid, cls = vit.dino_patch_grid(params, jnp.asarray(x), model_cfg=SMALL, return_cls=True)
     tokens = torch.from_numpy(torch_tokens(model, x))
     g = SMALL.grid_size
     image = tokens[:, 1:].reshape(2, g, g, -1).permute(0, 3, 1, 2)
@@ -265,8 +263,7 @@ def test_vit_b8_at_224_matches_torch(tmp_path):
     model = torch_model(cfg)
     x = images(1, 224, 224)
     want = torch_tokens(model, x)
-    with jax.default_matmul_precision("highest"):
-        grid, cls = vit.dino_patch_grid(params, jnp.asarray(x), model_cfg=cfg, return_cls=True)
+    grid, cls = vit.dino_patch_grid(params, jnp.asarray(x), model_cfg=cfg, return_cls=True)
     grid = np.asarray(grid)
     assert grid.shape == (1, 3136, 768)
     pooled = F.adaptive_avg_pool2d(

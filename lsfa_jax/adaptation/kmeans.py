@@ -79,7 +79,8 @@ def lloyd(
     def step(c, _):
         _, onehot = assign(c)
         sizes = onehot.sum(axis=0)
-        sums = onehot.T @ x
+        # Sums of the assigned rows: a masked mean, pinned like the distances.
+        sums = jnp.matmul(onehot.T, x, precision=jax.lax.Precision.HIGHEST)
         c = jnp.where(sizes[:, None] > 0, sums / jnp.maximum(sizes, 1.0)[:, None], c)
         return c, None
 

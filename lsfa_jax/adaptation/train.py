@@ -20,7 +20,9 @@ Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
   global_bank_size     n^G rows per global bank
   banks_per_class      one bank per class (True, reference) or one shared bank
   bank_dtype           float32 | bfloat16 storage of the banks
-  bf16                 run the adaptors in bfloat16 (parameters, losses and banks stay fp32)
+  precision            highest | tf32 | bf16: the adaptors' layers (`lsfa_jax.precision`;
+                       parameters, losses and banks stay float32; the base config links it to
+                       the run's `config.precision`)
   seed                 parameter init and k-means keys
   checkpoint_every, keep_checkpoints, log_every   in batches
   plus every field of `losses.LossConfig` (lambda_clc, w_la, w_ga, w_ifc, w_lc, w_gc, w_rot,
@@ -55,7 +57,7 @@ from lsfa_jax.adaptation.banks import Bank, bank_push, init_bank
 from lsfa_jax.adaptation.checkpointing import Checkpointer
 from lsfa_jax.adaptation.losses import BANK_NAMES, LossConfig, lsfa_loss
 from lsfa_jax.atomic_io import atomic_write_text
-from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
+from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params, lsfa_model
 
 Batch = Mapping[str, Any]
 
@@ -86,7 +88,7 @@ def default_adaptation_config() -> ml_collections.ConfigDict:
             global_bank_size=100,
             banks_per_class=True,
             bank_dtype="float32",
-            bf16=False,
+            precision="highest",
             seed=0,
             checkpoint_every=100,
             keep_checkpoints=3,
@@ -137,15 +139,15 @@ class TrainState:
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> LSFAModel:
-    """The LSFAModel described by `cfg` (bf16 compute when cfg.bf16)."""
-    return LSFAModel(
+    """The LSFAModel described by `cfg`, its layers under the policy `cfg.precision`."""
+    return lsfa_model(
+        cfg.precision,
         rgb_dim=cfg.rgb_dim,
         xyz_dim=cfg.xyz_dim,
         proj_dim=cfg.proj_dim,
         structure=cfg.structure,
         rgb_heads=cfg.rgb_heads,
         xyz_heads=cfg.xyz_heads,
-        dtype=jnp.bfloat16 if cfg.bf16 else None,
     )
 
 

@@ -61,6 +61,7 @@ def point_mae_patch_grid(
     model_cfg: Mapping[str, Any] | Any,
     grid_size: int = 56,
     name: str = "point cloud",
+    precision: str = "highest",
 ) -> tuple[jax.Array, jax.Array]:
     """Point-MAE patch features of one organized cloud.
 
@@ -70,6 +71,8 @@ def point_mae_patch_grid(
       model_cfg: the `point_backbone` config.
       grid_size: side of the patch grid.
       name: identifies the sample in errors.
+      precision: the encoder's precision policy (`lsfa_jax.precision`); grouping and
+        interpolation are exact whatever it is.
 
     Returns:
       patch_features (grid_size**2, C) float32 with C = len(out_layers) * trans_dim, and
@@ -78,7 +81,7 @@ def point_mae_patch_grid(
     Raises:
       ValueError when the cloud has fewer valid points than group_size.
     """
-    encoder = point_mae.point_mae_encoder(model_cfg)
+    encoder = point_mae.point_mae_encoder(model_cfg, precision)
     _check_clouds(np.asarray(organized)[None], encoder, name)
     return _compiled(encoder, grid_size, False)(variables, jnp.asarray(organized))
 
@@ -89,12 +92,13 @@ def point_mae_patch_grid_batch(
     model_cfg: Mapping[str, Any] | Any,
     grid_size: int = 56,
     name: str = "point clouds",
+    precision: str = "highest",
 ) -> tuple[jax.Array, jax.Array]:
     """Batched `point_mae_patch_grid`: (B, S, S, 3) -> ((B, grid^2, C), (B, grid^2) bool).
 
     Clouds run one after another inside one jitted `lax.map`, bounding peak memory to that of a
     single cloud.
     """
-    encoder = point_mae.point_mae_encoder(model_cfg)
+    encoder = point_mae.point_mae_encoder(model_cfg, precision)
     _check_clouds(np.asarray(organized), encoder, name)
     return _compiled(encoder, grid_size, True)(variables, jnp.asarray(organized))

@@ -25,6 +25,7 @@ from absl import logging
 
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
+from lsfa_jax.precision import policy
 
 
 class WeightsError(ValueError):
@@ -41,14 +42,17 @@ class Backbones:
     point_cfg: ml_collections.ConfigDict
     weight_files: dict[str, str]  # modality -> file, or "random-init (seed N)"
     random_init: dict[str, bool]
+    precision: str = "highest"  # the layers' policy (lsfa_jax/precision.py)
 
     def fingerprint(self) -> str:
-        """Identifies the features these backbones produce (sizes and weight files)."""
+        """Identifies the features these backbones produce (sizes, weight files, precision)."""
         payload = {
             "rgb_cfg": dataclasses.asdict(self.rgb_cfg),
             "point_cfg": self.point_cfg.to_dict(),
             "weights": {k: _file_identity(v) for k, v in self.weight_files.items()},
         }
+        if self.precision != "highest":  # keeps the keys of caches written before the policy
+            payload["precision"] = self.precision
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,8 +81,9 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
 
     A missing weights path is an error unless `config.allow_random_init` is True, in which case
     the backbone is randomly initialised from `config.seed` with a loud warning, and the run's
-    results record it.
+    results record it. `config.precision` is the layers' precision policy.
     """
+    precision = policy(config.precision).name
     image_size = config.data.image_size
     rgb_cfg = vit.vit_config({**config.rgb_backbone.to_dict(), "img_size": image_size})
     point_cfg = config.point_backbone
@@ -113,7 +118,9 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
     else:
         logging.info("Loading point backbone from %s", weight_files["point"])
         point_variables = point_mae.load_point_mae_variables(weight_files["point"], point_cfg)
-    return Backbones(rgb_params, rgb_cfg, point_variables, point_cfg, weight_files, random_init)
+    return Backbones(
+        rgb_params, rgb_cfg, point_variables, point_cfg, weight_files, random_init, precision
+    )
 
 
 def extract_batch(
@@ -125,6 +132,7 @@ def extract_batch(
         jnp.asarray(batch["rgb"]),
         model_cfg=backbones.rgb_cfg,
         return_cls=True,
+        precision=backbones.precision,
     )
     names = [str(n) for n in batch["file_id"]]
     xyz, fg = point_mae_patch_grid_batch(
@@ -133,6 +141,7 @@ def extract_batch(
         backbones.point_cfg,
         grid_size=grid_size,
         name=f"clouds {names[0]}..{names[-1]}",
+        precision=backbones.precision,
     )
     return {
         "rgb": np.asarray(rgb),

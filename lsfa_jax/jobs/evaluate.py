@@ -86,6 +86,7 @@ class Adaptors:
                 rgb_heads=self.cfg.rgb_heads,
                 xyz_heads=self.cfg.xyz_heads,
                 prepend_cls=bool(self.cfg.prepend_cls),
+                precision=self.cfg.precision,
             )
             out["rgb"][start:stop] = np.asarray(out_rgb)[: stop - start]
             out["xyz"][start:stop] = np.asarray(out_xyz)[: stop - start]

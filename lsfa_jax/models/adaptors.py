@@ -12,8 +12,10 @@ Structures (paper Table 7): `encoder1` (default), `encoder2` (two blocks), `line
 per token) and `conv1x1` (a 1x1 convolution over the square patch grid; the same function class
 as `linear`, kept as a separate structure so the ablation names map one to one).
 
-`dtype` (e.g. bfloat16) is the compute dtype of the Dense, LayerNorm and attention matmuls;
-parameters stay float32 and the residual stream keeps the input's dtype (float32 features).
+`dtype` (e.g. bfloat16) is the compute dtype of the Dense, LayerNorm and attention matmuls and
+`precision` their matmul precision (both from the policy in `lsfa_jax.precision`; HIGHEST by
+default); parameters stay float32 and the residual stream keeps the input's dtype (float32
+features).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
 
@@ -39,15 +43,33 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def _dense(features: int, fan_in: int, name: str, use_bias: bool = True, dtype=None) -> nn.Dense:
+def _dense(
+    features: int,
+    fan_in: int,
+    name: str,
+    use_bias: bool = True,
+    dtype: Any = None,
+    precision: jax.lax.Precision = PINNED,
+) -> nn.Dense:
     init = torch_uniform_init(fan_in)
     return nn.Dense(
-        features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name, dtype=dtype
+        features,
+        use_bias=use_bias,
+        kernel_init=init,
+        bias_init=init,
+        name=name,
+        dtype=dtype,
+        precision=precision,
     )
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, query_chunk: int | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    query_chunk: int | None,
+    precision: jax.lax.Precision = PINNED,
 ) -> jax.Array:
     """softmax(q k^T * scale) v for (B, N, H, hd) inputs -> (B, N, H, hd).
 
@@ -57,9 +79,9 @@ def attention(
     """
 
     def rows(q_c):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q_c * scale, k)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q_c * scale, k, precision=precision)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)
 
     N = q.shape[1]
     if query_chunk is None or query_chunk >= N:
@@ -78,6 +100,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = None
     query_chunk: int | None = 1024
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,11 +108,12 @@ class Attention(nn.Module):
         if C % self.num_heads:
             raise ValueError(f"adaptors.py: dim {C} is not divisible by {self.num_heads} heads")
         head_dim = C // self.num_heads
-        qkv = _dense(3 * C, C, "qkv", use_bias=False, dtype=self.dtype)(x)
+        dense = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
+        qkv = dense(3 * C, C, "qkv", use_bias=False)(x)
         # Output channel s*C + h*hd + d, as the reference's reshape to (B, N, 3, H, hd).
         q, k, v = jnp.moveaxis(qkv.reshape(B, N, 3, self.num_heads, head_dim), 2, 0)
-        out = attention(q, k, v, head_dim**-0.5, self.query_chunk).reshape(B, N, C)
-        return _dense(C, C, "proj", dtype=self.dtype)(out)
+        out = attention(q, k, v, head_dim**-0.5, self.query_chunk, self.precision)
+        return dense(C, C, "proj")(out.reshape(B, N, C))
 
 
 class Mlp(nn.Module):
@@ -98,12 +122,13 @@ class Mlp(nn.Module):
     dim: int
     hidden: int
     dtype: Any = None
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _dense(self.hidden, self.dim, "fc1", dtype=self.dtype)(x)
-        h = jax.nn.gelu(h, approximate=False)
-        return _dense(self.dim, self.hidden, "fc2", dtype=self.dtype)(h)
+        dense = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
+        h = jax.nn.gelu(dense(self.hidden, self.dim, "fc1")(x), approximate=False)
+        return dense(self.dim, self.hidden, "fc2")(h)
 
 
 class EncoderBlock(nn.Module):
@@ -115,14 +140,23 @@ class EncoderBlock(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     attn_query_chunk: int | None = 1024
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        attn = Attention(self.dim, self.num_heads, self.dtype, self.attn_query_chunk, name="attn")
+        attn = Attention(
+            self.dim,
+            self.num_heads,
+            self.dtype,
+            self.attn_query_chunk,
+            self.precision,
+            name="attn",
+        )
         x = x + attn(norm(name="norm1")(x))
         hidden = int(self.dim * self.mlp_ratio)
-        return x + Mlp(self.dim, hidden, self.dtype, name="mlp")(norm(name="norm2")(x))
+        mlp = Mlp(self.dim, hidden, self.dtype, self.precision, name="mlp")
+        return x + mlp(norm(name="norm2")(x))
 
 
 class Adaptor(nn.Module):
@@ -135,6 +169,7 @@ class Adaptor(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     attn_query_chunk: int | None = 1024
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -149,12 +184,14 @@ class Adaptor(nn.Module):
                 self.ln_eps,
                 self.dtype,
                 self.attn_query_chunk,
+                self.precision,
             )
             for i in range(1 if self.structure == "encoder1" else 2):
                 x = block(name=f"blocks_{i}")(x)
             return x
         if self.structure == "linear":
-            return _dense(self.dim, self.dim, "linear", dtype=self.dtype)(x)
+            dense = _dense(self.dim, self.dim, "linear", dtype=self.dtype, precision=self.precision)
+            return dense(x)
         if self.structure == "conv1x1":
             B, N, C = x.shape
             side = math.isqrt(N)
@@ -162,7 +199,13 @@ class Adaptor(nn.Module):
                 raise ValueError(f"adaptors.py: conv1x1 needs a square patch grid, got N={N}")
             init = torch_uniform_init(C)
             conv = nn.Conv(
-                C, (1, 1), kernel_init=init, bias_init=init, name="conv", dtype=self.dtype
+                C,
+                (1, 1),
+                kernel_init=init,
+                bias_init=init,
+                name="conv",
+                dtype=self.dtype,
+                precision=self.precision,
             )
             return conv(x.reshape(B, side, side, C)).reshape(B, N, C)
         raise ValueError(f"adaptors.py: unknown structure {self.structure!r}; use {STRUCTURES}")
@@ -187,6 +230,7 @@ class LSFAModel(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     attn_query_chunk: int | None = 1024
+    precision: jax.lax.Precision = PINNED
 
     def setup(self) -> None:
         adaptor = functools.partial(
@@ -196,11 +240,13 @@ class LSFAModel(nn.Module):
             ln_eps=self.ln_eps,
             dtype=self.dtype,
             attn_query_chunk=self.attn_query_chunk,
+            precision=self.precision,
         )
         self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
         self.xyz_mlp = adaptor(self.xyz_dim, num_heads=self.xyz_heads)
-        self.rgb_head = _dense(self.proj_dim, self.rgb_dim, "rgb_head", dtype=self.dtype)
-        self.xyz_head = _dense(self.proj_dim, self.xyz_dim, "xyz_head", dtype=self.dtype)
+        head = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
+        self.rgb_head = head(self.proj_dim, self.rgb_dim, "rgb_head")
+        self.xyz_head = head(self.proj_dim, self.xyz_dim, "xyz_head")
 
     def adapt_rgb(self, rgb: jax.Array, rgb_cls: jax.Array | None = None) -> jax.Array:
         """(B, P, rgb_dim) [+ CLS (B, rgb_dim)] -> F_I (B, P, rgb_dim)."""
@@ -243,13 +289,25 @@ def init_lsfa_params(model: LSFAModel, key: jax.Array, num_patches: int = 4) -> 
     return model.init(key, rgb, xyz)["params"]
 
 
+def lsfa_model(precision: str = "highest", **fields: Any) -> LSFAModel:
+    """An LSFAModel with these fields, its layers under the policy named `precision`."""
+    layers = policy(precision)
+    dtype = layers.dtype if layers.name == "bf16" else None
+    return LSFAModel(**fields, dtype=dtype, precision=layers.precision)
+
+
 def model_from_params(
-    params: dict, structure: str = "encoder1", rgb_heads: int = 12, xyz_heads: int = 12
+    params: dict,
+    structure: str = "encoder1",
+    rgb_heads: int = 12,
+    xyz_heads: int = 12,
+    precision: str = "highest",
 ) -> LSFAModel:
     """An LSFAModel whose dims (rgb, xyz, proj) are read from the heads' kernels in `params`."""
     rgb_dim, proj_dim = params["rgb_head"]["kernel"].shape
     xyz_dim = params["xyz_head"]["kernel"].shape[0]
-    return LSFAModel(
+    return lsfa_model(
+        precision,
         rgb_dim=int(rgb_dim),
         xyz_dim=int(xyz_dim),
         proj_dim=int(proj_dim),
@@ -259,7 +317,9 @@ def model_from_params(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "rgb_heads", "xyz_heads", "prepend_cls"))
+@functools.partial(
+    jax.jit, static_argnames=("structure", "rgb_heads", "xyz_heads", "prepend_cls", "precision")
+)
 def apply_adaptors(
     params: dict,
     rgb: jax.Array,
@@ -270,13 +330,16 @@ def apply_adaptors(
     rgb_heads: int = 12,
     xyz_heads: int = 12,
     prepend_cls: bool = False,
+    precision: str = "highest",
 ) -> tuple[jax.Array, jax.Array]:
     """Inference: (rgb (B,P,Ci), xyz (B,P,Cp)) -> adapted local features of the same shapes.
 
     Only the local adapted features go to PatchCore (paper 3.4). The reference applies the RGB
     adaptor without CLS at inference (notes 9.2-6); `prepend_cls=True` uses `rgb_cls` (B, Ci).
+    `precision` names the layers' policy (`lsfa_jax.precision`); outputs are float32.
     """
     if prepend_cls and rgb_cls is None:
         raise ValueError("adaptors.py: prepend_cls=True needs rgb_cls (B, C)")
-    model = model_from_params(params, structure, rgb_heads, xyz_heads)
-    return model.apply({"params": params}, rgb, xyz, rgb_cls if prepend_cls else None)
+    model = model_from_params(params, structure, rgb_heads, xyz_heads, precision)
+    f_img, f_pt = model.apply({"params": params}, rgb, xyz, rgb_cls if prepend_cls else None)
+    return f_img.astype(jnp.float32), f_pt.astype(jnp.float32)

@@ -18,6 +18,7 @@ and tokens; 3-NN interpolation then weights the identical centres equally.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsfa_jax.models import checkpoint_io
+from lsfa_jax.precision import PINNED, policy
 
 # pointnet2 FPS never selects points with squared norm at or below this value.
 FPS_MIN_SQUARED_NORM = 1e-3
@@ -182,9 +184,7 @@ def interpolate_to_points(
         neg_distance, idx = jax.lax.top_k(-distance, 3)
         weights = 1.0 / (-neg_distance + INTERPOLATION_EPS)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        return jnp.einsum(
-            "nk,nkc->nc", weights, centre_features[idx], precision=jax.lax.Precision.HIGHEST
-        )
+        return jnp.einsum("nk,nkc->nc", weights, centre_features[idx], precision=PINNED)
 
     features = _chunked_map(interpolate, points, chunk_size)
     return jnp.where(point_mask[:, None], features, 0.0)
@@ -197,48 +197,62 @@ class MiniPointNet(nn.Module):
     """
 
     encoder_channel: int
+    dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, neighbourhoods: jax.Array) -> jax.Array:
-        batch_norm = lambda name: nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
-        h = nn.Dense(128, name="first_conv_0")(neighbourhoods)
+        batch_norm = lambda name: nn.BatchNorm(
+            use_running_average=True, epsilon=1e-5, dtype=self.dtype, name=name
+        )
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, precision=self.precision, name=name)
+        h = dense(128, "first_conv_0")(neighbourhoods)
         h = nn.relu(batch_norm("first_conv_1")(h))
-        h = nn.Dense(256, name="first_conv_3")(h)
+        h = dense(256, "first_conv_3")(h)
         # The group's global feature goes first in the concatenation, then the local one.
         pooled = jnp.broadcast_to(jnp.max(h, axis=-2, keepdims=True), h.shape)
         h = jnp.concatenate([pooled, h], axis=-1)
-        h = nn.Dense(512, name="second_conv_0")(h)
+        h = dense(512, "second_conv_0")(h)
         h = nn.relu(batch_norm("second_conv_1")(h))
-        h = nn.Dense(self.encoder_channel, name="second_conv_3")(h)
-        return jnp.max(h, axis=-2)
+        h = dense(self.encoder_channel, "second_conv_3")(h)
+        return jnp.max(h, axis=-2).astype(jnp.float32)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (no bias), torch channel order."""
 
     num_heads: int
+    dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """(..., G, C) -> (..., G, C)."""
         channels = x.shape[-1]
         head_dim = channels // self.num_heads
-        qkv = nn.Dense(3 * channels, use_bias=False, name="qkv")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+        qkv = dense(3 * channels, use_bias=False, name="qkv")(x)
         # Output channel s*C + h*hd + d: split as (3, heads, head_dim) in that order.
         qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) * head_dim**-0.5
-        out = jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(logits, axis=-1), v)
-        return nn.Dense(channels, name="proj")(out.reshape(x.shape))
+        logits = jnp.einsum("...qhd,...khd->...hqk", q, k, precision=self.precision)
+        weights = jax.nn.softmax(logits.astype(jnp.float32) * head_dim**-0.5, axis=-1)
+        out = jnp.einsum(
+            "...hqk,...khd->...qhd", weights.astype(v.dtype), v, precision=self.precision
+        )
+        return dense(channels, name="proj")(out.reshape(x.shape))
 
 
 class Mlp(nn.Module):
     hidden_dim: int
+    dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.gelu(nn.Dense(self.hidden_dim, name="fc1")(x), approximate=False)
-        return nn.Dense(x.shape[-1], name="fc2")(h)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+        h = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)
+        return dense(x.shape[-1], name="fc2")(h)
 
 
 class Block(nn.Module):
@@ -246,12 +260,16 @@ class Block(nn.Module):
 
     num_heads: int
     mlp_ratio: float
+    dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + Attention(self.num_heads, name="attn")(nn.LayerNorm(1e-5, name="norm1")(x))
+        norm = functools.partial(nn.LayerNorm, 1e-5, dtype=self.dtype)
+        attn = Attention(self.num_heads, self.dtype, self.precision, name="attn")
+        x = x + attn(norm(name="norm1")(x))
         hidden = int(x.shape[-1] * self.mlp_ratio)
-        return x + Mlp(hidden, name="mlp")(nn.LayerNorm(1e-5, name="norm2")(x))
+        return x + Mlp(hidden, self.dtype, self.precision, name="mlp")(norm(name="norm2")(x))
 
 
 class PointMAEEncoder(nn.Module):
@@ -259,8 +277,10 @@ class PointMAEEncoder(nn.Module):
 
     `num_group` and `group_size` describe the grouping that feeds it (used by the callers).
     Call with neighbourhoods (..., G, k, 3) (centred) and centres (..., G, 3) (absolute);
-    returns (..., G, len(out_layers) * trans_dim): the outputs of blocks `out_layers`, each
-    through the shared final LayerNorm, concatenated in that order.
+    returns (..., G, len(out_layers) * trans_dim) float32: the outputs of blocks `out_layers`,
+    each through the shared final LayerNorm, concatenated in that order. `dtype` and `precision`
+    are those of the dense layers and attention einsums (`lsfa_jax.precision`); the residual
+    stream stays float32.
     """
 
     num_group: int = 1024
@@ -270,30 +290,40 @@ class PointMAEEncoder(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4
     out_layers: tuple[int, ...] = (3, 7, 11)
+    dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, neighbourhoods: jax.Array, centres: jax.Array) -> jax.Array:
-        x = MiniPointNet(self.trans_dim, name="encoder")(neighbourhoods)
-        pos = nn.Dense(128, name="pos_embed_0")(centres)
-        pos = nn.Dense(self.trans_dim, name="pos_embed_2")(nn.gelu(pos, approximate=False))
-        final_norm = nn.LayerNorm(1e-5, name="norm")
+        dtype, precision = self.dtype, self.precision
+        x = MiniPointNet(self.trans_dim, dtype, precision, name="encoder")(neighbourhoods)
+        dense = functools.partial(nn.Dense, dtype=dtype, precision=precision)
+        pos = dense(128, name="pos_embed_0")(centres)
+        pos = dense(self.trans_dim, name="pos_embed_2")(nn.gelu(pos, approximate=False))
+        pos = pos.astype(jnp.float32)
+        final_norm = nn.LayerNorm(1e-5, dtype=dtype, name="norm")
         taps = []
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, name=f"blocks_{i}")(x + pos)
+            block = Block(self.num_heads, self.mlp_ratio, dtype, precision, name=f"blocks_{i}")
+            x = block(x + pos)
             if i in self.out_layers:
-                taps.append(final_norm(x))
+                taps.append(final_norm(x).astype(jnp.float32))
         return jnp.concatenate(taps, axis=-1)
 
 
-def point_mae_encoder(model_cfg: Mapping[str, Any] | Any) -> PointMAEEncoder:
-    """Builds the encoder from a config (ConfigDict or mapping) with keys from CONFIG_FIELDS."""
+def point_mae_encoder(
+    model_cfg: Mapping[str, Any] | Any, precision: str = "highest"
+) -> PointMAEEncoder:
+    """Builds the encoder from a config (ConfigDict or mapping) with keys from CONFIG_FIELDS,
+    its layers under the precision policy named `precision` (`lsfa_jax.precision`)."""
     cfg = dict(model_cfg)
     unknown = sorted(set(cfg) - set(CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"point_backbone config: unknown keys {unknown}; allowed {CONFIG_FIELDS}")
     if "out_layers" in cfg:
         cfg["out_layers"] = tuple(int(i) for i in cfg["out_layers"])
-    encoder = PointMAEEncoder(**cfg)
+    layers = policy(precision)
+    encoder = PointMAEEncoder(**cfg, dtype=layers.dtype, precision=layers.precision)
     bad = [i for i in encoder.out_layers if not 0 <= i < encoder.depth]
     if bad or not encoder.out_layers:
         raise ValueError(

@@ -30,6 +30,7 @@ from lsfa_jax.models.checkpoint_io import (
     load_state_dict,
     strict_match,
 )
+from lsfa_jax.precision import PINNED, policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +112,8 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
         return pos_embed
     grid = pos_embed[0, 1:].reshape(g, g, -1)
     rows, cols = jnp.asarray(bicubic_matrix(g, gh)), jnp.asarray(bicubic_matrix(g, gw))
-    hp = jax.lax.Precision.HIGHEST
-    resized = jnp.einsum("hg,gwd,vw->hvd", rows, grid, cols, precision=hp)
+    # A fixed resampling of parameters: pinned, whatever the precision policy.
+    resized = jnp.einsum("hg,gwd,vw->hvd", rows, grid, cols, precision=PINNED)
     return jnp.concatenate([pos_embed[:, :1], resized.reshape(1, gh * gw, -1)], axis=1)
 
 
@@ -122,12 +123,19 @@ class PatchEmbed(nn.Module):
     patch_size: int
     embed_dim: int
     dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         p = self.patch_size
         x = nn.Conv(
-            self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj"
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            precision=self.precision,
+            name="proj",
         )(images)
         return x.reshape(x.shape[0], -1, self.embed_dim)
 
@@ -138,30 +146,34 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         head_dim = d // self.num_heads
-        qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+        qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
         # torch reshapes to (B, N, 3, heads, head_dim): channel = s*D + h*head_dim + c.
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q * head_dim**-0.5, k)
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q * head_dim**-0.5, k, precision=self.precision)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
-        return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, precision=self.precision)
+        return dense(d, name="proj")(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
+        x = dense(self.hidden_dim, name="fc1")(x)
         x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU default is exact erf
-        return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+        return dense(d, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -172,14 +184,15 @@ class Block(nn.Module):
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        x = x + Attention(self.num_heads, self.qkv_bias, self.dtype, name="attn")(
-            norm(name="norm1")(x)
-        )
-        return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(norm(name="norm2")(x))
+        attn = Attention(self.num_heads, self.qkv_bias, self.dtype, self.precision, name="attn")
+        x = x + attn(norm(name="norm1")(x))
+        mlp = Mlp(self.mlp_dim, self.dtype, self.precision, name="mlp")
+        return x + mlp(norm(name="norm2")(x))
 
 
 _init_std = nn.initializers.truncated_normal(0.02)
@@ -189,7 +202,9 @@ class VisionTransformer(nn.Module):
     """DINO ViT. (B, H, W, 3) ImageNet-normalised -> (B, 1 + H/p * W/p, D) normalised tokens.
 
     Token 0 is CLS; the rest are the patch tokens row-major over the (H/p, W/p) grid. Inputs of
-    another size than `img_size` get a bicubically resized position embedding.
+    another size than `img_size` get a bicubically resized position embedding. `dtype` and
+    `precision` are those of the dense layers, the patch convolution and the attention einsums
+    (`lsfa_jax.precision`); the residual stream and the output stay float32.
     """
 
     img_size: int = 224
@@ -201,10 +216,13 @@ class VisionTransformer(nn.Module):
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     dtype: Any = jnp.float32
+    precision: jax.lax.Precision = PINNED
 
     @classmethod
-    def from_config(cls, cfg: ViTConfig, dtype: Any = jnp.float32) -> VisionTransformer:
-        return cls(**dataclasses.asdict(cfg), dtype=dtype)
+    def from_config(cls, cfg: ViTConfig, precision: str = "highest") -> VisionTransformer:
+        """The ViT of these sizes under the precision policy named `precision`."""
+        layers = policy(precision)
+        return cls(**dataclasses.asdict(cfg), dtype=layers.dtype, precision=layers.precision)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -212,13 +230,14 @@ class VisionTransformer(nn.Module):
         p, d = self.patch_size, self.embed_dim
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        x = PatchEmbed(p, d, self.dtype, name="patch_embed")(images)
+        embed = PatchEmbed(p, d, self.dtype, self.precision, name="patch_embed")
+        x = embed(images).astype(jnp.float32)
         cls_token = self.param("cls_token", _init_std, (1, 1, d))
         g = self.img_size // p
         pos_embed = self.param("pos_embed", _init_std, (1, 1 + g * g, d))
-        cls = jnp.broadcast_to(cls_token, (b, 1, d)).astype(x.dtype)
+        cls = jnp.broadcast_to(cls_token, (b, 1, d))
         x = jnp.concatenate([cls, x], axis=1)
-        x = x + resize_pos_embed(pos_embed, (h // p, w // p)).astype(x.dtype)
+        x = x + resize_pos_embed(pos_embed, (h // p, w // p))
         for i in range(self.depth):
             x = Block(
                 self.num_heads,
@@ -226,18 +245,21 @@ class VisionTransformer(nn.Module):
                 self.qkv_bias,
                 self.ln_eps,
                 self.dtype,
+                self.precision,
                 name=f"blocks_{i}",
             )(x)
-        return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+        return x.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "return_cls"))
+@functools.partial(jax.jit, static_argnames=("model_cfg", "return_cls", "precision"))
 def dino_patch_grid(
     params: Any,
     images: jax.Array,
     *,
     model_cfg: ViTConfig = ViTConfig(),  # frozen, hashable: fine as a default
     return_cls: bool = False,
+    precision: str = "highest",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Last-layer normalised patch tokens on the 2x upsampled grid.
 
@@ -246,13 +268,15 @@ def dino_patch_grid(
       images: (B, H, W, 3) ImageNet-normalised, H and W multiples of the patch size p.
       model_cfg: the ViT sizes (hashable; static under jit).
       return_cls: also return the CLS token.
+      precision: the precision policy of the layers (`lsfa_jax.precision`).
 
     Returns:
       (B, (2H/p) * (2W/p), D) patch features, row-major; (B, 3136, 768) at 224 with p=8.
       Each token becomes a 2x2 block: torch's AdaptiveAvgPool2d(28 -> 56) is exactly this
       replication (notes 2.3). With return_cls, also the (B, D) CLS token.
     """
-    tokens = VisionTransformer.from_config(model_cfg).apply({"params": params}, images)
+    model = VisionTransformer.from_config(model_cfg, precision)
+    tokens = model.apply({"params": params}, images)
     b, h, w, _ = images.shape
     gh, gw = h // model_cfg.patch_size, w // model_cfg.patch_size
     grid = tokens[:, 1:].reshape(b, gh, gw, -1)

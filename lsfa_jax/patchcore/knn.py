@@ -370,9 +370,8 @@ def _principal_directions(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     n_rows, width = features.shape
     weights = valid.astype(jnp.float32)
-    mean = jnp.einsum("m,md->d", weights, features.astype(jnp.float32)) / jnp.maximum(
-        jnp.sum(weights), 1.0
-    )
+    total = jnp.einsum("m,md->d", weights, features.astype(jnp.float32), precision=_HIGHEST)
+    mean = total / jnp.maximum(jnp.sum(weights), 1.0)
 
     def scatter(args):
         block, block_weights = args
