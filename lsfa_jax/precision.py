@@ -51,6 +51,12 @@ class Policy:
         return PINNED if self.name == "highest" else jax.lax.Precision.DEFAULT
 
 
+def config_policy(config: Any) -> str:
+    """`config.precision` of a run config; "highest" for configs saved before the key existed
+    (their layers ran at full float32, which is what "highest" pins)."""
+    return policy(config.get("precision", "highest")).name
+
+
 def policy(name: str | Policy) -> Policy:
     """The Policy named `name` ("highest" | "tf32" | "bf16"); raises ValueError on other names."""
     return name if isinstance(name, Policy) else Policy(str(name))

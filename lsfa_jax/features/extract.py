@@ -25,7 +25,7 @@ from absl import logging
 
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
-from lsfa_jax.precision import policy
+from lsfa_jax.precision import config_policy
 
 
 class WeightsError(ValueError):
@@ -83,7 +83,7 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
     the backbone is randomly initialised from `config.seed` with a loud warning, and the run's
     results record it. `config.precision` is the layers' precision policy.
     """
-    precision = policy(config.precision).name
+    precision = config_policy(config)
     image_size = config.data.image_size
     rgb_cfg = vit.vit_config({**config.rgb_backbone.to_dict(), "img_size": image_size})
     point_cfg = config.point_backbone
