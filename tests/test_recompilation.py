@@ -156,6 +156,43 @@ def test_extractors_compile_once_for_two_batches() -> None:
     assert counts[1] == counts[0], f"second batch compiled {log.since(counts[0])}"
 
 
+def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path) -> None:
+    """Extraction of a 10-sample split in batches of 8 (the run's path: FeatureSource over
+    `extract_batch`): the last batch of 2 is padded to 8, so neither backbone compiles again,
+    and the padded batch gives the real samples the features they get in a full batch."""
+    from lsfa_jax.features.extract import Backbones
+    from lsfa_jax.features.source import FeatureSource
+
+    rgb_cfg = vit.ViTConfig(img_size=32, embed_dim=16, depth=1, num_heads=2)
+    point_cfg = ml_collections.ConfigDict(TINY_POINT_BACKBONE)
+    backbones = Backbones(
+        rgb_params=vit.init_random_vit_params(jax.random.key(0), rgb_cfg),
+        rgb_cfg=rgb_cfg,
+        point_variables=point_mae.init_random_point_mae_variables(jax.random.key(1), point_cfg),
+        point_cfg=point_cfg,
+        weight_files={"rgb": "random-init (seed 0)", "point": "random-init (seed 0)"},
+        random_init={"rgb": True, "point": True},
+    )
+    config = ml_collections.ConfigDict(dict(batch_size=8, grid_size=8))
+    source = FeatureSource(config, {}, tmp_path, backbones)
+    rng = np.random.default_rng(0)
+    inputs = {
+        "rgb": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
+        "xyz": np.stack([_organized_cloud(32, 3 + i, i) for i in range(10)]),
+        "file_id": np.asarray([f"s{i}" for i in range(10)]),
+    }
+    jax.clear_caches()
+    with compile_log() as log:
+        features = source.extract_in_batches(inputs)
+    assert features["rgb"].shape == (10, 64, 16) and features["xyz"].shape == (10, 64, 32)
+    assert log.count("dino_patch_grid") == 1, log.names
+    point_jits = [n for n in log.names if "lambda" in n]
+    assert len(point_jits) == 1, log.names
+    alone = source.extract({k: v[8:] for k, v in inputs.items()})
+    for name in ("rgb", "xyz", "fg"):
+        np.testing.assert_array_equal(alone[name], features[name][8:])
+
+
 def _tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
     from configs import synthetic as synthetic_config
 

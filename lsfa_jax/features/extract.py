@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lsfa_jax.batching import pad_batch
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.precision import config_policy
@@ -124,9 +125,20 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
 
 
 def extract_batch(
-    backbones: Backbones, batch: dict[str, np.ndarray], *, grid_size: int = 56
+    backbones: Backbones,
+    batch: dict[str, np.ndarray],
+    *,
+    grid_size: int = 56,
+    batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """One pipeline batch -> patch features (module docstring) as host numpy arrays."""
+    """One pipeline batch -> patch features (module docstring) as host numpy arrays.
+
+    With `batch_size`, a shorter batch (a split's last) is padded to it (`batching.pad_batch`),
+    so the backbones compile once per run; only the real samples' features are returned.
+    """
+    count = len(batch["file_id"])
+    if batch_size is not None:
+        batch, _ = pad_batch({k: batch[k] for k in ("rgb", "xyz", "file_id")}, batch_size)
     rgb, rgb_cls = vit.dino_patch_grid(
         backbones.rgb_params,
         jnp.asarray(batch["rgb"]),
@@ -134,7 +146,7 @@ def extract_batch(
         return_cls=True,
         precision=backbones.precision,
     )
-    names = [str(n) for n in batch["file_id"]]
+    names = [str(n) for n in batch["file_id"][:count]]
     xyz, fg = point_mae_patch_grid_batch(
         backbones.point_variables,
         batch["xyz"],
@@ -143,9 +155,5 @@ def extract_batch(
         name=f"clouds {names[0]}..{names[-1]}",
         precision=backbones.precision,
     )
-    return {
-        "rgb": np.asarray(rgb),
-        "rgb_cls": np.asarray(rgb_cls),
-        "xyz": np.asarray(xyz),
-        "fg": np.asarray(fg),
-    }
+    features = {"rgb": rgb, "rgb_cls": rgb_cls, "xyz": xyz, "fg": fg}
+    return {name: np.asarray(value)[:count] for name, value in features.items()}

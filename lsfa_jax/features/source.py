@@ -42,7 +42,12 @@ class FeatureSource:
 
     def extract(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.backbones is not None:
-            return extract_batch(self.backbones, batch, grid_size=self.config.grid_size)
+            return extract_batch(
+                self.backbones,
+                batch,
+                grid_size=self.config.grid_size,
+                batch_size=self.config.batch_size,
+            )
         params = FpfhParams(**self.config.fpfh.to_dict())
         pairs = [
             fpfh_patch_features(cloud, params, grid_size=self.config.grid_size, name=str(file_id))

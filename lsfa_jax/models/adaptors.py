@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsfa_jax.batching import map_in_batches
 from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
@@ -382,30 +383,24 @@ def adapt_features(
     """Adapted features of a whole split: {"rgb" (N, P, Ci), "xyz" (N, P, Cp), "rgb_cls"
     (N, Ci)} -> {"rgb", "xyz"} float32 of the same shapes; `precision` names the layers' policy.
 
-    Every call sees a full batch (the last one is padded by repeating its final sample), so the
-    jitted adaptors compile once whatever the split size; results go into preallocated arrays
-    rather than being concatenated, so a split's library is held once.
+    Every call sees a full batch (`batching.map_in_batches`), so the jitted adaptors compile
+    once whatever the split size.
     """
     params = jax.tree.map(jnp.asarray, params)
-    count = len(arrays["rgb"])
-    out = {m: np.empty((count, *arrays[m].shape[1:]), np.float32) for m in ("rgb", "xyz")}
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        chunk = {m: np.asarray(arrays[m][start:stop]) for m in ("rgb", "rgb_cls", "xyz")}
-        if stop - start < batch_size:
-            pad = batch_size - (stop - start)
-            chunk = {m: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for m, v in chunk.items()}
+
+    def adapt(batch: dict, _) -> dict[str, jax.Array]:
         out_rgb, out_xyz = apply_adaptors(
             params,
-            jnp.asarray(chunk["rgb"]),
-            jnp.asarray(chunk["xyz"]),
-            jnp.asarray(chunk["rgb_cls"]),
+            jnp.asarray(batch["rgb"]),
+            jnp.asarray(batch["xyz"]),
+            jnp.asarray(batch["rgb_cls"]),
             structure=settings.structure,
             rgb_heads=settings.rgb_heads,
             xyz_heads=settings.xyz_heads,
             prepend_cls=settings.prepend_cls,
             precision=precision,
         )
-        out["rgb"][start:stop] = np.asarray(out_rgb)[: stop - start]
-        out["xyz"][start:stop] = np.asarray(out_xyz)[: stop - start]
-    return out
+        return {"rgb": out_rgb, "xyz": out_xyz}
+
+    inputs = {m: arrays[m] for m in ("rgb", "rgb_cls", "xyz")}
+    return map_in_batches(adapt, inputs, batch_size)

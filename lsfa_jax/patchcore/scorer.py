@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
+from lsfa_jax.batching import map_in_batches
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.knn import (
     approximate_index,
@@ -350,24 +350,19 @@ def score_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, P, C) features of a split -> image scores (N,) and maps (N, S, S), in fixed batches.
 
-    The last batch is padded to the full batch size so the jitted scorer compiles once. The
-    bank's search index for `settings.search` is computed here once if it lacks it.
+    Every call sees a full batch (`batching.map_in_batches`), so the jitted scorer compiles
+    once. The bank's search index for `settings.search` is computed here once if it lacks it.
     """
-    size = settings.batch_size
     approximate_dim = min(settings.approximate_dim, bank.features.shape[1])
     if settings.search != "exact":
         bank = with_search_index(
             bank, approximate_dim if settings.search == "approximate" else None
         )
-    scores, maps = [], []
-    for start in tqdm(range(0, len(features), size), desc=desc, unit="batch", leave=False):
-        chunk = np.asarray(features[start : start + size], np.float32)
-        real = len(chunk)
-        if real < size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
-        batch_scores, batch_maps = score_batch(
+
+    def score(batch: dict, _) -> dict[str, jax.Array]:
+        scores, maps = score_batch(
             bank,
-            jnp.asarray(chunk),
+            jnp.asarray(batch["features"], jnp.float32),
             out_size=settings.out_size,
             reweight=settings.reweight,
             blur=settings.blur,
@@ -375,6 +370,7 @@ def score_features(
             search=settings.search,
             approximate_dim=approximate_dim,
         )
-        scores.append(np.asarray(batch_scores)[:real])
-        maps.append(np.asarray(batch_maps)[:real])
-    return np.concatenate(scores), np.concatenate(maps)
+        return {"scores": scores, "maps": maps}
+
+    out = map_in_batches(score, {"features": features}, settings.batch_size, desc=desc)
+    return out["scores"], out["maps"]

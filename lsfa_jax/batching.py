@@ -1,0 +1,68 @@
+"""Fixed-size batches: every jitted stage (extraction, adaptors, scoring) sees one batch shape.
+
+A jitted function compiles once per input shape, so a split of N samples in batches of B would
+compile twice (B and N mod B). `pad_batch` pads a short batch to B by repeating its last sample
+(a real sample, so host-side checks such as a cloud's valid-point count still hold) and returns
+the mask of the real rows; `map_in_batches` runs a function over a whole split that way and keeps
+only the real rows of its outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+Batch = dict[str, Any]
+
+
+def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[Batch, np.ndarray]:
+    """(n, ...) entries with 1 <= n <= size -> (size, ...) entries and the (size,) bool mask of
+    the n real rows. Arrays and lists (e.g. file ids) are padded with copies of their last row."""
+    lengths = {key: len(value) for key, value in batch.items()}
+    count = next(iter(lengths.values()))
+    if set(lengths.values()) != {count}:
+        raise ValueError(f"pad_batch: entries of different lengths {lengths}")
+    if not 1 <= count <= size:
+        raise ValueError(f"pad_batch: {count} samples do not fit a batch of {size}")
+    pad = size - count
+    padded: Batch = {}
+    for key, value in batch.items():
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            padded[key] = list(value) + [value[-1]] * pad
+        else:
+            value = np.asarray(value)
+            padded[key] = np.concatenate([value, np.repeat(value[-1:], pad, axis=0)])
+    return padded, np.arange(size) < count
+
+
+def map_in_batches(
+    fn: Callable[[Batch, np.ndarray], Mapping[str, Any]],
+    inputs: Mapping[str, Any],
+    batch_size: int,
+    *,
+    desc: str | None = None,
+) -> dict[str, np.ndarray]:
+    """`fn` over consecutive fixed-size batches of `inputs` (N rows each); (N, ...) outputs.
+
+    fn(batch, mask) gets `batch_size` rows (the last batch padded, `mask` (batch_size,) bool
+    True for real rows) and returns a dict of (batch_size, ...) arrays. Outputs are written into
+    preallocated arrays (a split's features are held once, not concatenated); `desc` shows a
+    progress bar.
+    """
+    count = len(next(iter(inputs.values())))
+    starts = range(0, count, batch_size)
+    if desc is not None:
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    out: dict[str, np.ndarray] = {}
+    for start in starts:
+        stop = min(start + batch_size, count)
+        batch, mask = pad_batch({k: v[start:stop] for k, v in inputs.items()}, batch_size)
+        for name, value in fn(batch, mask).items():
+            value = np.asarray(value)
+            if name not in out:
+                out[name] = np.empty((count, *value.shape[1:]), value.dtype)
+            out[name][start:stop] = value[: stop - start]
+    return out
