@@ -32,6 +32,80 @@ from lsfa_jax.adaptation.train import (
 )
 
 
+def train_step_figures(
+    *,
+    batch: int = 8,
+    patches: int = 3136,
+    rgb_dim: int = 768,
+    xyz_dim: int = 1152,
+    bank: int = 50_000,
+    global_bank: int = 100,
+    classes: int = 10,
+    steps: int = 2,
+    precision: str = "highest",
+) -> dict:
+    """Compile time, step times and XLA buffer sizes of one data-parallel train step."""
+    shapes = dict(locals())
+    cfg = default_adaptation_config()
+    cfg.update(
+        dict(
+            batch_size=batch,
+            num_patches=patches,
+            rgb_dim=rgb_dim,
+            xyz_dim=xyz_dim,
+            local_bank_size=bank,
+            global_bank_size=global_bank,
+            precision=precision,
+            ifc_warmup_steps=0,
+        )
+    )
+    total = 1000
+    mesh = make_mesh()
+    state = init_train_state(cfg, classes, total)
+    rng = np.random.default_rng(0)
+
+    def full(bank: Bank) -> Bank:
+        K, M, C = bank.features.shape
+        feats = jnp.asarray(rng.standard_normal((K, M, C), dtype=np.float32))
+        return Bank(feats.astype(bank.features.dtype), bank.ptr, jnp.full((K,), M, jnp.int32))
+
+    state = state.replace(banks={k: full(b) for k, b in state.banks.items()})
+    data = dict(
+        rgb=rng.standard_normal((batch, patches, rgb_dim), dtype=np.float32),
+        xyz=rng.standard_normal((batch, patches, xyz_dim), dtype=np.float32),
+        fg=rng.random((batch, patches)) < 0.7,
+        class_id=(np.arange(batch) % classes).astype(np.int32),
+        rgb_cls=rng.standard_normal((batch, rgb_dim), dtype=np.float32),
+    )
+    step_fn = make_train_step(build_model(cfg), cfg, mesh, total)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+
+    times, terms = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, terms = compiled(state, data)
+        jax.block_until_ready((state, terms))
+        times.append(time.perf_counter() - t0)
+    mib = lambda n: round(n / 2**20, 1)
+    return dict(
+        device=str(jax.devices()[0].device_kind),
+        num_devices=mesh.size,
+        shapes=shapes,
+        compile_s=round(compile_s, 2),
+        step_s=[round(t, 3) for t in times],
+        mean_step_s=round(float(np.mean(times)), 3) if times else None,
+        loss=float(terms["total"]) if times else None,
+        xla_argument_mib=mib(memory.argument_size_in_bytes) if memory else None,
+        xla_temp_mib=mib(memory.temp_size_in_bytes) if memory else None,
+        xla_output_mib=mib(memory.output_size_in_bytes) if memory else None,
+        peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -44,70 +118,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="0: compile and memory only")
     parser.add_argument("--precision", default="highest", choices=("highest", "tf32", "bf16"))
     args = parser.parse_args()
-
-    cfg = default_adaptation_config()
-    cfg.update(
-        dict(
-            batch_size=args.batch,
-            num_patches=args.patches,
-            rgb_dim=args.rgb_dim,
-            xyz_dim=args.xyz_dim,
-            local_bank_size=args.bank,
-            global_bank_size=args.global_bank,
-            precision=args.precision,
-            ifc_warmup_steps=0,
-        )
-    )
-    total = 1000
-    mesh = make_mesh()
-    state = init_train_state(cfg, args.classes, total)
-    rng = np.random.default_rng(0)
-
-    def full(bank: Bank) -> Bank:
-        K, M, C = bank.features.shape
-        feats = jnp.asarray(rng.standard_normal((K, M, C), dtype=np.float32))
-        return Bank(feats.astype(bank.features.dtype), bank.ptr, jnp.full((K,), M, jnp.int32))
-
-    state = state.replace(banks={k: full(b) for k, b in state.banks.items()})
-    B, P = args.batch, args.patches
-    batch = dict(
-        rgb=rng.standard_normal((B, P, args.rgb_dim), dtype=np.float32),
-        xyz=rng.standard_normal((B, P, args.xyz_dim), dtype=np.float32),
-        fg=rng.random((B, P)) < 0.7,
-        class_id=(np.arange(B) % args.classes).astype(np.int32),
-        rgb_cls=rng.standard_normal((B, args.rgb_dim), dtype=np.float32),
-    )
-    step_fn = make_train_step(build_model(cfg), cfg, mesh, total)
-
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
-
-    times, terms = [], None
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, terms = compiled(state, batch)
-        jax.block_until_ready((state, terms))
-        times.append(time.perf_counter() - t0)
-    mib = lambda n: round(n / 2**20, 1)
-    print(
-        json.dumps(
-            dict(
-                device=str(jax.devices()[0].device_kind),
-                num_devices=mesh.size,
-                shapes=vars(args),
-                compile_s=round(compile_s, 2),
-                step_s=[round(t, 3) for t in times],
-                mean_step_s=round(float(np.mean(times)), 3) if times else None,
-                loss=float(terms["total"]) if times else None,
-                xla_argument_mib=mib(memory.argument_size_in_bytes) if memory else None,
-                xla_temp_mib=mib(memory.temp_size_in_bytes) if memory else None,
-                xla_output_mib=mib(memory.output_size_in_bytes) if memory else None,
-                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            )
-        )
-    )
+    print(json.dumps(train_step_figures(**{k.replace("-", "_"): v for k, v in vars(args).items()})))
 
 
 if __name__ == "__main__":
