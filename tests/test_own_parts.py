@@ -271,7 +271,9 @@ def test_bad_model_folders_are_refused(parts: Path, tmp_path: Path) -> None:
 
     eval_config = _folder_run(parts, "lsfa", "my_part")
     eval_config.update(mode="eval", checkpoint=str(model))
-    with pytest.raises(ConfigError, match=r"is a model folder: evaluate it with --config\.mode=test"):
+    with pytest.raises(
+        ConfigError, match=r"is a model folder: evaluate it with --config\.mode=test"
+    ):
         run_job(eval_config, tmp_path / "t2")
 
     (tmp_path / "train" / "adaptation" / "checkpoints").mkdir(parents=True)
