@@ -135,16 +135,14 @@ def _count_and_border_pairs(
     count = np.ones(len(points), np.int64)  # the point itself
     active = np.arange(len(points))
     pair_a, pair_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    chunk = 64
-    for start in range(0, len(offsets), chunk):
-        if active.size == 0:
-            break
+    start, chunk = 0, 64
+    while start < len(offsets) and active.size:
         a, b = _window_pairs(x, y, z, points[active], offsets[start : start + chunk], eps2)
         pair_a.append(a)
         pair_b.append(b)
         count[active] += np.bincount(np.searchsorted(points, a), minlength=len(points))[active]
         active = active[count[active] < min_points]
-        chunk *= 2
+        start, chunk = start + chunk, 2 * chunk
     core = count >= min_points
     a, b = np.concatenate(pair_a), np.concatenate(pair_b)
     keep = ~core[np.searchsorted(points, a)]
@@ -215,6 +213,9 @@ def dbscan_labels(
     core = np.zeros(x.size, bool)
     core[points] = count[points] >= min_points
     core[unsure] = unsure_core
+    if not core.any():
+        labels[valid] = -1
+        return DbscanResult(labels, 0, window, 0)
 
     # 3. Provisional components of the small-window core pairs, merged by full-window pairs
     #    searched from the side of the smaller component (the larger gets the higher number).
@@ -225,9 +226,7 @@ def dbscan_labels(
     )
     _, component = csgraph.connected_components(graph, directed=False)
     core_points = points[core[points]]
-    ids, inverse, sizes = np.unique(
-        component[core_points], return_inverse=True, return_counts=True
-    )
+    ids, inverse, sizes = np.unique(component[core_points], return_inverse=True, return_counts=True)
     by_size = np.empty(len(ids), np.int64)
     by_size[np.argsort(sizes, kind="stable")] = np.arange(len(ids))
     provisional = np.full(x.size, -1, np.int64)
@@ -264,9 +263,7 @@ def dbscan_labels(
     np.maximum.at(highest, border_a, border_label)
     border = np.flatnonzero(highest >= 0)
     label[border] = lowest[border]
-    labels[r0:r1, c0:c1] = np.where(
-        valid[r0:r1, c0:c1], label.reshape(pad.shape[:2])[inner], -2
-    )
+    labels[r0:r1, c0:c1] = np.where(valid[r0:r1, c0:c1], label.reshape(pad.shape[:2])[inner], -2)
     return DbscanResult(
         labels=labels,
         num_clusters=num_clusters,
