@@ -88,7 +88,7 @@ def _largest_cluster(points: np.ndarray, params: PlaneRemovalParams) -> tuple[np
 
 
 def _largest_label(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """DBSCAN labels -> (membership of the most frequent cluster, lowest label on ties; clusters)."""
+    """Labels -> (membership of the most frequent cluster, lowest label on ties; clusters)."""
     clustered = labels[labels >= 0]
     if clustered.size == 0:
         return np.ones(labels.shape, bool), 0
