@@ -29,6 +29,7 @@ import zlib
 
 import numpy as np
 import open3d as o3d
+import threadpoolctl
 
 from lsfa_jax.data import mvtec3d, organized_dbscan, resize
 
@@ -193,6 +194,14 @@ def remove_support_plane(
         num_ambiguous_border=clusters.num_ambiguous_border,
     )
     return xyz, rgb, info
+
+
+def use_one_thread() -> None:
+    """Runs this process's steps on one thread: BLAS, OpenMP and Open3D's TBB pool. For the
+    workers of a process pool, so that N workers keep N cores busy and no more."""
+    threadpoolctl.threadpool_limits(1)
+    if hasattr(o3d.utility, "set_max_threads"):  # Open3D >= 0.20 (TBB); older use OpenMP
+        o3d.utility.set_max_threads(1)
 
 
 def sample_seed(seed: int, file_id: str) -> int:
