@@ -263,17 +263,19 @@ def _warm_up(raw: Path, name: str, class_name: str) -> None:
 
 
 def _repeated_class(real: Path, copies: int, root: Path) -> int:
-    """A cable_gland train split under `root` holding every real sample `copies` times
-    (symbolic links), long enough for the pool's start-up not to dominate. Returns its size."""
+    """A cable_gland class under `root` whose train split holds every real sample `copies`
+    times and whose test split holds each once (symbolic links to the good-sample layout), long
+    enough for the pool's start-up not to dominate. Returns its number of samples."""
     files = [f for s in mvtec3d.SPLITS for f in mvtec3d.list_samples(real, "cable_gland", s)]
-    good = root / "cable_gland" / "train" / "good"
-    (good / "rgb").mkdir(parents=True)
-    (good / "xyz").mkdir()
-    for index in range(copies * len(files)):
-        f = files[index % len(files)]
-        (good / "rgb" / f"{index:04d}.png").symlink_to(f.rgb_path.resolve())
-        (good / "xyz" / f"{index:04d}.tiff").symlink_to(f.xyz_path.resolve())
-    return copies * len(files)
+    for split, count in (("train", copies * len(files)), ("test", len(files))):
+        good = root / "cable_gland" / split / "good"
+        (good / "rgb").mkdir(parents=True)
+        (good / "xyz").mkdir()
+        for index in range(count):
+            f = files[index % len(files)]
+            (good / "rgb" / f"{index:04d}.png").symlink_to(f.rgb_path.resolve())
+            (good / "xyz" / f"{index:04d}.tiff").symlink_to(f.xyz_path.resolve())
+    return (copies + 1) * len(files)
 
 
 def _pool_start_seconds(workers: int) -> float:
@@ -292,8 +294,8 @@ def _class_section() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         num = _repeated_class(real, _COPIES.value, Path(tmp))
         print(
-            f"\nwhole-class preparation, the {num // _COPIES.value} real cable_gland samples "
-            f"x {_COPIES.value} ({os.cpu_count()} cores, {_load()})"
+            f"\nwhole-class preparation, the {num // (_COPIES.value + 1)} real cable_gland "
+            f"samples x {_COPIES.value + 1} ({os.cpu_count()} cores, {_load()})"
         )
         _warm_up(Path(tmp), "mvtec3d", "cable_gland")
         if default > 1:
