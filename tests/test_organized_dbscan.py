@@ -8,6 +8,8 @@ are counted, and the hard cases are built so that such points occur.
 
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import open3d as o3d
 import pytest
@@ -190,3 +192,17 @@ def test_real_samples_match_open3d(mvtec_sample_root: Path) -> None:
         np.testing.assert_array_equal(preprocess.valid_points(out)[remaining], kept)
         assert info.num_clusters == result.num_clusters
         assert info.num_ambiguous_border == result.num_ambiguous_border
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    size=st.integers(24, 48),
+    eps=st.floats(0.002, 0.012),
+    min_points=st.integers(1, 40),
+    keep=st.floats(0.3, 1.0),
+)
+def test_any_camera_cloud_matches_open3d(seed, size, eps, min_points, keep) -> None:
+    xyz, valid = _camera_cloud(seed, size)
+    valid &= np.random.default_rng(seed + 1).random(valid.shape) < keep
+    _assert_same(xyz, valid, eps, min_points)
