@@ -39,6 +39,7 @@ from lsfa_jax.patchcore.bank import with_search_index
 from lsfa_jax.patchcore.scorer import ScoringSettings
 
 ONNX_OPSET = 17
+ONNX_BATCH = 1  # the ONNX graph's fixed batch size (`load.OnnxProgram` runs larger batches)
 # max |exported - in-process| <= tolerance * max(1, max |in-process|), per output.
 TOLERANCES = {"jax": 1e-6, "onnx": 1e-4}
 INPUT_DOCS = {
@@ -186,14 +187,14 @@ def _dict_fn(export: ClassExport):
 
 
 def export_onnx(export: ClassExport) -> bytes:
-    """The ONNX graph of the program (onnx=True formulations), inputs and outputs named as the
-    JAX program's, batch dimension B dynamic."""
+    """The ONNX graph of the program (onnx=True formulations) for one sample, inputs and
+    outputs named as the JAX program's."""
     from jax2onnx import to_onnx
 
     program = export.program
     model = to_onnx(
         _program_fn(export, onnx=True),
-        _symbolic_specs(program),
+        list(program.input_specs(ONNX_BATCH).values()),
         model_name=f"lsfa_{program.class_name}",
         opset=ONNX_OPSET,
         input_names=list(program.input_specs(1)),
@@ -230,6 +231,7 @@ def signature(export: ClassExport, outputs: Mapping[str, np.ndarray]) -> dict[st
             for n in program.output_names()
         ],
         "onnx_opset": ONNX_OPSET,
+        "onnx_batch": ONNX_BATCH,
         "tolerances": {
             k: f"max |out - expected| <= {v} * max(1, max |expected|)"
             for k, v in TOLERANCES.items()

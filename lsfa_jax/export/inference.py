@@ -19,7 +19,8 @@ Method fpfh: FPFH features are computed by open3d on the host, so the program st
 result: the bank search is one chunked float32 matmul + argmin (the nearest row, its distance
 from the differences, as the screened search certifies it) instead of the bfloat16 screen with
 its lax.switch, the stable argsort that packs the valid points is a cumulative-sum scatter, and
-bfloat16 banks are widened to float32 (exactly). The JAX export keeps onnx=False.
+bfloat16 banks are widened to float32 (exactly); the graph takes one sample (B = 1). The JAX
+export keeps onnx=False.
 """
 
 from __future__ import annotations
@@ -314,7 +315,12 @@ def patch_features(
         grid_size=program.grid_size,
         onnx=onnx,
     )
-    xyz, _ = jax.lax.map(single, inputs["xyz"])
+    if onnx:
+        # The ONNX graph takes one sample (jax2onnx's Scan over the batch does not load in
+        # onnxruntime); the loader runs a batch sample by sample.
+        xyz = single(inputs["xyz"][0])[0][None]
+    else:
+        xyz, _ = jax.lax.map(single, inputs["xyz"])
     if program.adaptors is None:
         return {"rgb": rgb, "xyz": xyz}
     settings = program.adaptors

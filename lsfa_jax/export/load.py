@@ -11,7 +11,8 @@ a machine without the project:
     outputs = program(rgb=example["rgb"], xyz=example["xyz"])
     print(outputs["score_fused"], outputs["anomalous"])
 
-`load_onnx_program` runs model.onnx with onnxruntime behind the same checks and call.
+`load_onnx_program` runs model.onnx with onnxruntime behind the same checks and call (the
+graph takes one sample; larger batches run sample by sample).
 Inputs must have the signature's dtype and shape (any batch size >= 1 where the shape says
 null); anything else raises `ExportedInputError` naming the input, before any computation.
 """
@@ -122,8 +123,19 @@ class OnnxProgram:
 
     def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
         arrays = check_inputs(self.signature, inputs)
-        values = self.session.run(self.output_names, arrays)
-        return dict(zip(self.output_names, values, strict=True))
+        step = int(self.signature["onnx_batch"])
+        count = len(next(iter(arrays.values())))
+        if count % step:
+            raise ExportedInputError(f"batch size {count} is not a multiple of {step}")
+        # The graph has a fixed batch size: larger batches run in slices of it.
+        runs = [
+            self.session.run(self.output_names, {k: v[i : i + step] for k, v in arrays.items()})
+            for i in range(0, count, step)
+        ]
+        return {
+            name: np.concatenate([run[j] for run in runs])
+            for j, name in enumerate(self.output_names)
+        }
 
 
 def load_program(folder: str | Path) -> ExportedProgram:
