@@ -27,16 +27,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_of, machine_description  # noqa: E402
-from configs.synthetic import get_config as synthetic_config  # noqa: E402
-from lsfa_jax import fusion  # noqa: E402
-from lsfa_jax.export import artifacts, inference, load  # noqa: E402
-from lsfa_jax.features.source import feature_source  # noqa: E402
-from lsfa_jax.model_folder import ClassModel  # noqa: E402
-from lsfa_jax.models.adaptors import AdaptorSettings, LSFAModel, init_lsfa_params  # noqa: E402
-from lsfa_jax.patchcore.bank import MemoryBank, with_search_index  # noqa: E402
-from lsfa_jax.patchcore.normalisation import FeatureStats  # noqa: E402
-from lsfa_jax.patchcore.scorer import ScoringSettings  # noqa: E402
+from benchmarks.common import best_of, machine_description
+from configs.synthetic import get_config as synthetic_config
+from lsfa_jax import fusion
+from lsfa_jax.export import artifacts, inference, load
+from lsfa_jax.features.source import feature_source
+from lsfa_jax.model_folder import ClassModel
+from lsfa_jax.models.adaptors import AdaptorSettings, LSFAModel, init_lsfa_params
+from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
+from lsfa_jax.patchcore.normalisation import FeatureStats
+from lsfa_jax.patchcore.scorer import ScoringSettings
 
 
 def random_bank(rows: int, dim: int, seed: int) -> MemoryBank:
@@ -74,7 +74,8 @@ def paper_export(quick: bool) -> tuple[artifacts.ClassExport, object]:
     rows = (4096, 8192) if quick else (30720, 61440)
     banks = {"rgb": random_bank(rows[0], rgb_dim, 1), "xyz": random_bank(rows[1], xyz_dim, 2)}
     level = {
-        m: fusion.ScoreNormaliser("zscore", loc, 1.0 + loc, 8) for m, loc in (("rgb", 1.0), ("xyz", 2.0))
+        m: fusion.ScoreNormaliser("zscore", loc, 1.0 + loc, 8)
+        for m, loc in (("rgb", 1.0), ("xyz", 2.0))
     }
     fused = fusion.Fusion("zscore", level, level)
     stored = ClassModel(fused, {"RGB+3D": {"threshold": 0.5}}, {})
@@ -121,7 +122,9 @@ def run(args: argparse.Namespace) -> None:
         "onnxruntime (CPU)": lambda: onnx_program(**inputs),
     }
     parity = {
-        "exported JAX (jax.export, CPU)": artifacts.max_relative_error(jax_program(**inputs), expected),
+        "exported JAX (jax.export, CPU)": artifacts.max_relative_error(
+            jax_program(**inputs), expected
+        ),
         "onnxruntime (CPU)": artifacts.max_relative_error(onnx_program(**inputs), expected),
     }
     try:
@@ -141,7 +144,9 @@ def run(args: argparse.Namespace) -> None:
         fn()  # warm-up (compilation, session optimisation)
     seconds = best_of(runners, args.repeats)
     print(f"\nload {os.getloadavg()}, {machine_description().get('cpu', '')}")
-    print("| runtime | s / sample (batch 1, best of %d) | max rel. error vs in-process |" % args.repeats)
+    print(
+        f"| runtime | s / sample (batch 1, best of {args.repeats}) | max rel. error vs in-process |"
+    )
     print("|---|---|---|")
     for name, value in seconds.items():
         error = max(parity.get(name, {"-": 0.0}).values())

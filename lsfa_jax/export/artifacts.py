@@ -95,9 +95,7 @@ def open_class(
         adaptors=None if adaptors is None else adaptors[1],
     )
     if info.method == "fpfh":
-        program = dataclasses.replace(
-            program, fpfh_dim=int(banks["xyz"].features.shape[1])
-        )
+        program = dataclasses.replace(program, fpfh_dim=int(banks["xyz"].features.shape[1]))
     source = feature_source(run, {}, cache_root)
     variables: dict[str, Any] = {"banks": banks, "fusion": inference.fusion_arrays(stored.fusion)}
     if source.backbones is not None:
@@ -113,9 +111,7 @@ def example_inputs(export: ClassExport, run: ml_collections.ConfigDict) -> dict[
     image size, as the program takes them."""
     size = export.program.image_size
     cfg = synthetic.SyntheticConfig(classes=("box",), image_size=size)
-    samples = [
-        synthetic.render_sample(cfg, "box", "test", kind, 0) for kind in ("good", "both")
-    ]
+    samples = [synthetic.render_sample(cfg, "box", "test", kind, 0) for kind in ("good", "both")]
     rgb = np.stack([s["rgb"] for s in samples])
     xyz = np.stack([s["xyz"] for s in samples]).astype(np.float32)
     if export.program.method != "fpfh":
@@ -139,9 +135,7 @@ def in_process_outputs(
             "file_id": np.asarray([f"example_{i}" for i in range(len(inputs["rgb"]))]),
         }
         features = export.source.extract_in_batches(batch)
-    arrays = class_eval.features_to_score(
-        features, program.modalities, export.adaptors, batch_size
-    )
+    arrays = class_eval.features_to_score(features, program.modalities, export.adaptors, batch_size)
     per_modality = class_eval.score_modalities(export.banks, arrays, program.scoring, "export")
     settings = class_eval.setting_outputs(per_modality, export.fusion)
     out = {}
@@ -158,7 +152,9 @@ def _program_fn(export: ClassExport, onnx: bool):
     names = list(program.input_specs(1))
 
     def run(*arrays):
-        outputs = inference.run_class(program, variables, dict(zip(names, arrays, strict=True)), onnx=onnx)
+        outputs = inference.run_class(
+            program, variables, dict(zip(names, arrays, strict=True)), onnx=onnx
+        )
         return tuple(outputs[n] for n in program.output_names())
 
     return run
@@ -171,9 +167,9 @@ def _symbolic_specs(program: inference.ClassProgram) -> list[jax.ShapeDtypeStruc
 
 def export_jax(export: ClassExport) -> bytes:
     """The serialized program, lowered for CPU and CUDA, symbolic batch size."""
-    exported = jax.export.export(
-        jax.jit(_dict_fn(export)), platforms=("cpu", "cuda")
-    )(dict(zip(export.program.input_specs(1), _symbolic_specs(export.program), strict=True)))
+    exported = jax.export.export(jax.jit(_dict_fn(export)), platforms=("cpu", "cuda"))(
+        dict(zip(export.program.input_specs(1), _symbolic_specs(export.program), strict=True))
+    )
     return bytes(exported.serialize())
 
 
@@ -260,6 +256,7 @@ def write_class_export(target: Path, files: Mapping[str, bytes], overwrite: bool
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
     try:
         for name, data in files.items():
             (staging / name).write_bytes(data)
@@ -304,22 +301,22 @@ def readme_text(sig: Mapping[str, Any], parity: Mapping[str, Mapping[str, float]
         f"  {kind}: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         for kind, errors in parity.items()
     )
-    return f"""lsfa-jax export of class {sig['class']!r} (method {sig['method']})
+    return f"""lsfa-jax export of class {sig["class"]!r} (method {sig["method"]})
 
 Inputs (B: any batch size >= 1):
 {inputs}
-Prepare them first with {sig['prepare']}.
+Prepare them first with {sig["prepare"]}.
 
 Outputs:
 {outputs}
-{sig['verdict']} (threshold {sig['threshold']!r}, setting {sig['main_setting']}).
+{sig["verdict"]} (threshold {sig["threshold"]!r}, setting {sig["main_setting"]}).
 
 model.jaxexport  needs jax and numpy only (CPU or CUDA jaxlib; lowered for both):
     from load import load_program            # load.py of this folder
     program = load_program("path/to/this/folder")
     outputs = program({names})
 
-model.onnx       needs onnxruntime and numpy (opset {sig['onnx_opset']}):
+model.onnx       needs onnxruntime and numpy (opset {sig["onnx_opset"]}):
     import onnxruntime, numpy as np
     session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
     example = dict(np.load("example_inputs.npz"))
@@ -328,7 +325,7 @@ model.onnx       needs onnxruntime and numpy (opset {sig['onnx_opset']}):
 
 example_inputs.npz / expected_outputs.npz: two generated samples and the outputs the
 in-process predict of lsfa-jax gives for them, keyed by the input and output names.
-Tolerances: {json.dumps(sig['tolerances'])}
+Tolerances: {json.dumps(sig["tolerances"])}
 Measured at export (max |out - expected| / max(1, max |expected|); anomalous: mismatches):
 {measured}
 """

@@ -46,13 +46,13 @@ from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import AdaptorSettings, apply_adaptors
 from lsfa_jax.patchcore.bank import MemoryBank
 from lsfa_jax.patchcore.knn import nearest_neighbours
+from lsfa_jax.patchcore.normalisation import normalise
 from lsfa_jax.patchcore.scorer import (
     ScoringSettings,
     _score_images,
     anomaly_map,
     patchcore_image_score,
 )
-from lsfa_jax.patchcore.normalisation import normalise
 
 # Output names per setting (ONNX and npz keys cannot hold "+").
 SETTING_KEYS = {"RGB": "rgb", "3D": "3d", "RGB+3D": "fused"}
@@ -90,7 +90,9 @@ class ClassProgram:
         size = self.image_size
         if self.method == "fpfh":
             patches = self.grid_size * self.grid_size
-            return {"xyz_features": jax.ShapeDtypeStruct((batch, patches, self.fpfh_dim), "float32")}
+            return {
+                "xyz_features": jax.ShapeDtypeStruct((batch, patches, self.fpfh_dim), "float32")
+            }
         return {
             "rgb": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
             "xyz": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
@@ -134,9 +136,7 @@ def class_program(
     main = "RGB+3D" if model.fusion is not None else SETTING_OF_MODALITY[modalities[0]]
     rgb_cfg = point_cfg = None
     if method != "fpfh":
-        rgb_cfg = vit.vit_config(
-            {**run.rgb_backbone.to_dict(), "img_size": run.data.image_size}
-        )
+        rgb_cfg = vit.vit_config({**run.rgb_backbone.to_dict(), "img_size": run.data.image_size})
         point_cfg = tuple(
             (k, tuple(v) if isinstance(v, list | tuple) else v)
             for k, v in sorted(run.point_backbone.to_dict().items())
@@ -173,8 +173,10 @@ def pack_valid_points_by_cumsum(organized: jax.Array) -> tuple[jax.Array, jax.Ar
     before_valid = jnp.cumsum(valid.astype(jnp.int32)) - 1
     before_invalid = jnp.cumsum((~valid).astype(jnp.int32)) - 1
     place = jnp.where(valid, before_valid, n_valid + before_invalid)
-    order = jnp.zeros(flat.shape[:1], jnp.int32).at[place].set(
-        jnp.arange(flat.shape[0], dtype=jnp.int32)
+    order = (
+        jnp.zeros(flat.shape[:1], jnp.int32)
+        .at[place]
+        .set(jnp.arange(flat.shape[0], dtype=jnp.int32))
     )
     point_mask = jnp.arange(flat.shape[0]) < n_valid
     points = jnp.where(point_mask[:, None], flat[order], 0.0)

@@ -74,8 +74,7 @@ def check_inputs(signature: Mapping[str, Any], inputs: Mapping[str, Any]) -> dic
         )
         if not fits or (array.ndim and array.shape[0] < 1):
             raise ExportedInputError(
-                f"input {name!r}: shape {array.shape}, expected {shape} with B >= 1 "
-                f"({spec['doc']})"
+                f"input {name!r}: shape {array.shape}, expected {shape} with B >= 1 ({spec['doc']})"
             )
         arrays[name], batch[name] = array, array.shape[0]
     if len(set(batch.values())) > 1:

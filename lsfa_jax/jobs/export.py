@@ -32,7 +32,9 @@ def _classes(wanted: str, held: tuple[str, ...]) -> tuple[str, ...]:
     classes = tuple(c.strip() for c in wanted.split(",") if c.strip())
     unknown = [c for c in classes if c not in held]
     if unknown:
-        raise ConfigError(f"config.data.classes: the model folder holds {list(held)}, not {unknown}")
+        raise ConfigError(
+            f"config.data.classes: the model folder holds {list(held)}, not {unknown}"
+        )
     return classes
 
 
@@ -64,7 +66,9 @@ def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pa
     adaptors = model_adaptors(model_dir, info)
     written = {}
     for class_name in classes:
-        export = artifacts.open_class(model_dir, info, run, class_name, adaptors, cache_dir(run, workdir))
+        export = artifacts.open_class(
+            model_dir, info, run, class_name, adaptors, cache_dir(run, workdir)
+        )
         inputs = artifacts.example_inputs(export, run)
         expected = artifacts.in_process_outputs(export, inputs, run.batch_size)
         jax_bytes = artifacts.export_jax(export)
@@ -79,7 +83,9 @@ def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pa
             for kind, opener in (("jax", load.load_program), ("onnx", load.load_onnx_program)):
                 outputs = opener(probe_dir)(**inputs)
                 parity[kind] = artifacts.max_relative_error(outputs, expected)
-                _check_parity(kind, parity[kind], artifacts.TOLERANCES[kind], model_dir / class_name)
+                _check_parity(
+                    kind, parity[kind], artifacts.TOLERANCES[kind], model_dir / class_name
+                )
         sig["parity_at_export"] = parity
         files = {
             load.JAX_FILE: jax_bytes,
@@ -93,7 +99,9 @@ def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pa
         target = root / class_name
         artifacts.write_class_export(target, files, overwrite=bool(config.overwrite))
         written[class_name] = target
-        sizes = ", ".join(f"{n} {len(b) / 2**20:.1f} MiB" for n, b in files.items() if len(b) > 2**20)
+        sizes = ", ".join(
+            f"{n} {len(b) / 2**20:.1f} MiB" for n, b in files.items() if len(b) > 2**20
+        )
         logging.info("export %s: %s (%s); parity %s", class_name, target, sizes, parity)
         print(f"{class_name}: {target}  parity {json.dumps(parity)}")
     return written
