@@ -154,8 +154,8 @@ def test_expected_outputs_are_what_predict_gives(exported, tmp_path: Path) -> No
     config.update(mode="predict", checkpoint=str(model), input=str(samples))
     run_job(config, tmp_path / "predict")
     rows = json.loads((tmp_path / "predict" / "predictions.json").read_text())
-    np.testing.assert_array_equal([r["score"] for r in rows], expected["score_fused"])
-    np.testing.assert_array_equal([r["score_RGB"] for r in rows], expected["score_rgb"])
+    np.testing.assert_array_equal(np.float32([r["score"] for r in rows]), expected["score_fused"])
+    np.testing.assert_array_equal(np.float32([r["score_RGB"] for r in rows]), expected["score_rgb"])
     np.testing.assert_array_equal([r["anomalous"] for r in rows], expected["anomalous"])
 
 

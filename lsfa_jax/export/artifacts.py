@@ -124,7 +124,8 @@ def in_process_outputs(
     export: ClassExport, inputs: Mapping[str, np.ndarray], batch_size: int
 ) -> dict[str, np.ndarray]:
     """The outputs `mode=predict` computes for these inputs (features in batches, adaptors,
-    scoring, fusion, threshold), under the program's output names."""
+    scoring, fusion, threshold), under the program's output names; the fused scores and maps,
+    float64 on the host, are rounded to the program's float32."""
     program = export.program
     if program.method == "fpfh":
         features = {"xyz": inputs["xyz_features"]}
@@ -139,10 +140,10 @@ def in_process_outputs(
     per_modality = class_eval.score_modalities(export.banks, arrays, program.scoring, "export")
     settings = class_eval.setting_outputs(per_modality, export.fusion)
     out = {}
-    for setting in program.settings:
-        out[f"score_{inference.SETTING_KEYS[setting]}"] = np.asarray(settings[setting][0])
-    for setting in program.settings:
-        out[f"map_{inference.SETTING_KEYS[setting]}"] = np.asarray(settings[setting][1])
+    for kind, position in (("score", 0), ("map", 1)):
+        for setting in program.settings:
+            value = np.asarray(settings[setting][position], np.float32)
+            out[f"{kind}_{inference.SETTING_KEYS[setting]}"] = value
     out["anomalous"] = np.asarray(settings[program.main_setting][0] > program.threshold)
     return out
 
