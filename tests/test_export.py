@@ -176,8 +176,11 @@ def test_loader_refuses_bad_inputs_clearly(exported) -> None:
     with pytest.raises(load.ExportedInputError, match="different batch sizes"):
         program(rgb=inputs["rgb"][:1], xyz=inputs["xyz"])
     one = program(rgb=inputs["rgb"][1:], xyz=inputs["xyz"][1:])  # batch 1 of a symbolic B
-    expected = dict(np.load(folder / "expected_outputs.npz"))
-    np.testing.assert_allclose(one["score_fused"], expected["score_fused"][1:], rtol=1e-6)
+    expected = {k: v[1:] for k, v in np.load(folder / "expected_outputs.npz").items()}
+    # Another batch size than the examples' changes the backbones' float32 rounding (measured
+    # 3e-6 on the fused score, whose z-score divides by a small scale).
+    errors = artifacts.max_relative_error(one, expected)
+    assert max(errors.values()) <= 1e-5, errors
 
 
 def test_export_refuses_existing_folders_unknown_classes_and_old_models(
