@@ -26,6 +26,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ""
     config.input = ""  # folder or sample for mode=predict
     config.skip_bad_samples = False
+    config.overwrite = False  # mode=export: replace an existing export folder
 
     config.data_dir = ml_collections.FieldReference("", field_type=str)
     config.cache_dir = ""  # default: <workdir>/cache

@@ -8,7 +8,7 @@ import ml_collections
 
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir
 
-MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert")
+MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert", "export")
 METHODS = ("lsfa", "raw", "fpfh")
 
 
@@ -35,6 +35,10 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
         from lsfa_jax.jobs.predict import run_predict
 
         run_predict(config, path)
+    elif config.mode == "export":
+        from lsfa_jax.jobs.export import run_export
+
+        run_export(config, path)
     else:
         from lsfa_jax.jobs.convert import run_convert
 

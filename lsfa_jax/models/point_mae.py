@@ -119,7 +119,9 @@ def _chunked_map(fn, xs: jax.Array, chunk_size: int) -> jax.Array:
     n = xs.shape[0]
     chunk_size = min(chunk_size, n)
     num_chunks = -(-n // chunk_size)
-    padded = jnp.concatenate([xs, jnp.repeat(xs[-1:], num_chunks * chunk_size - n, axis=0)])
+    pad = num_chunks * chunk_size - n
+    # No zero-count repeat when nothing is padded (jax2onnx would export it as one row).
+    padded = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)]) if pad else xs
     chunks = padded.reshape(num_chunks, chunk_size, *xs.shape[1:])
     out = jax.lax.map(fn, chunks)
     return jax.tree.map(lambda y: y.reshape(num_chunks * chunk_size, *y.shape[2:])[:n], out)

@@ -1,0 +1,107 @@
+"""mode=export: a model folder's classes as deployment artifacts.
+
+  python main.py --config=configs/synthetic.py --config.mode=export \
+      --config.checkpoint=<model folder> --workdir=W [--config.data.classes=box] \
+      [--config.overwrite=True]
+
+writes W/export/<class>/ (see `lsfa_jax.export.artifacts`): model.jaxexport (jax + numpy, CPU
+and CUDA), model.onnx (onnxruntime), example_inputs.npz, expected_outputs.npz (in-process
+predict of the examples), signature.json, load.py and README.txt. Both programs are run on the
+examples before anything is written and must match the in-process outputs within
+`artifacts.TOLERANCES`. Plane removal (open3d) and, for method fpfh, the FPFH features stay in
+Python: the deployment calls `lsfa_jax.data.preprocess.prepare_sample` (and
+`features.fpfh.fpfh_patch_features`) first.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import ml_collections
+from absl import logging
+
+from lsfa_jax.export import artifacts, load
+from lsfa_jax.jobs.common import ConfigError, cache_dir, model_adaptors, open_model
+
+
+def _classes(wanted: str, held: tuple[str, ...]) -> tuple[str, ...]:
+    if wanted in ("", "all"):
+        return held
+    classes = tuple(c.strip() for c in wanted.split(",") if c.strip())
+    unknown = [c for c in classes if c not in held]
+    if unknown:
+        raise ConfigError(
+            f"config.data.classes: the model folder holds {list(held)}, not {unknown}"
+        )
+    return classes
+
+
+def _check_parity(name: str, errors: dict[str, float], tolerance: float, where: Path) -> None:
+    bad = {k: v for k, v in errors.items() if v > (0 if k == "anomalous" else tolerance)}
+    if bad:
+        raise artifacts.ExportError(
+            f"{where}: the {name} program differs from the in-process outputs beyond "
+            f"{tolerance}: {bad}; nothing was written"
+        )
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Path]:
+    """Exports every selected class; returns {class: its export folder}."""
+    try:
+        import jax2onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            f"mode=export needs the export extra ({error.name} is missing): "
+            "pip install -e '.[export]'"
+        ) from error
+    model_dir, info, run = open_model(config)
+    classes = _classes(config.data.classes, tuple(info.classes))
+    root = workdir / "export"
+    existing = [str(root / c) for c in classes if (root / c).exists()]
+    if existing and not config.overwrite:
+        raise ConfigError(f"{existing}: export folder exists; pass --config.overwrite=True")
+    adaptors = model_adaptors(model_dir, info)
+    written = {}
+    for class_name in classes:
+        export = artifacts.open_class(
+            model_dir, info, run, class_name, adaptors, cache_dir(run, workdir)
+        )
+        inputs = artifacts.example_inputs(export, run)
+        expected = artifacts.in_process_outputs(export, inputs, run.batch_size)
+        jax_bytes = artifacts.export_jax(export)
+        onnx_bytes = artifacts.export_onnx(export)
+        sig = artifacts.signature(export, expected)
+        parity = {}
+        with tempfile.TemporaryDirectory() as probe:
+            probe_dir = Path(probe)
+            (probe_dir / load.SIGNATURE_FILE).write_text(json.dumps(sig))
+            (probe_dir / load.JAX_FILE).write_bytes(jax_bytes)
+            (probe_dir / load.ONNX_FILE).write_bytes(onnx_bytes)
+            for kind, opener in (("jax", load.load_program), ("onnx", load.load_onnx_program)):
+                outputs = opener(probe_dir)(**inputs)
+                parity[kind] = artifacts.max_relative_error(outputs, expected)
+                _check_parity(
+                    kind, parity[kind], artifacts.TOLERANCES[kind], model_dir / class_name
+                )
+        sig["parity_at_export"] = parity
+        files = {
+            load.JAX_FILE: jax_bytes,
+            load.ONNX_FILE: onnx_bytes,
+            load.SIGNATURE_FILE: json.dumps(sig, indent=2).encode(),
+            "example_inputs.npz": artifacts._npz(inputs),
+            "expected_outputs.npz": artifacts._npz(expected),
+            "load.py": Path(load.__file__).read_bytes(),
+            "README.txt": artifacts.readme_text(sig, parity).encode(),
+        }
+        target = root / class_name
+        artifacts.write_class_export(target, files, overwrite=bool(config.overwrite))
+        written[class_name] = target
+        sizes = ", ".join(
+            f"{n} {len(b) / 2**20:.1f} MiB" for n, b in files.items() if len(b) > 2**20
+        )
+        logging.info("export %s: %s (%s); parity %s", class_name, target, sizes, parity)
+        print(f"{class_name}: {target}  parity {json.dumps(parity)}")
+    return written
