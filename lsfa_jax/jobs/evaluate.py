@@ -25,6 +25,7 @@ from lsfa_jax import fusion, metrics
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
 from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
 from lsfa_jax.data import pipeline
+from lsfa_jax.data.few_shot import few_shot_indices
 from lsfa_jax.features.cache import SplitFeatures
 from lsfa_jax.jobs.common import ConfigError, cache_dir, selected_classes
 from lsfa_jax.jobs.features import FeatureSource, feature_source
@@ -241,9 +242,12 @@ def load_or_train_adaptors(
         params = load_adaptor_params(config.checkpoint)
         cfg = trained_adaptation_config(config.checkpoint, config)
         return Adaptors(params, cfg), str(config.checkpoint)
-    train = [source.split(c, "train") for c in classes]
+    # Issue 14: classes by name (few-shot draws are keyed by name); rotated-image features for
+    # the rotation term.
+    train = {c: source.split(c, "train") for c in classes}
+    rotated = {c: source.rotated_train(c) for c in classes} if config.adaptation.w_rot else None
     with manifest.stage("adaptation"):
-        params, cfg = train_lsfa(config, train, workdir)
+        params, cfg = train_lsfa(config, train, workdir, rotated)
     return Adaptors(params, cfg), str(workdir / "adaptation" / "checkpoints")
 
 
@@ -276,9 +280,25 @@ def check_patchcore_config(config: ml_collections.ConfigDict) -> None:
 
 
 def bank_samples(config: ml_collections.ConfigDict, n_train: int) -> int:
-    """Training samples of a class that go into its banks (`patchcore.max_train_samples`)."""
+    """Number of training samples of a class that go into its banks (`bank_sample_indices`)."""
+    few_shot = int(config.adaptation.get("few_shot", 0))
+    if few_shot > 0:
+        return min(few_shot, n_train)
     cap = config.patchcore.max_train_samples
     return min(n_train, cap) if cap > 0 else n_train
+
+
+def bank_sample_indices(
+    config: ml_collections.ConfigDict, class_name: str, n_train: int
+) -> np.ndarray:
+    """Issue 14: indices of the training samples of a class that go into its banks: the
+    few-shot samples the adaptors were trained on (`adaptation.few_shot` > 0, paper 4.4), else
+    the first `patchcore.max_train_samples` (0: all)."""
+    few_shot = int(config.adaptation.get("few_shot", 0))
+    if few_shot > 0:
+        return few_shot_indices(class_name, n_train, few_shot, config.seed)
+    cap = config.patchcore.max_train_samples
+    return np.arange(min(n_train, cap) if cap > 0 else n_train)
 
 
 def bank_padded_size(source: FeatureSource, classes, ratio: float) -> int:
@@ -315,9 +335,9 @@ def evaluate_one_class(
         raise RuntimeError(f"{class_name}: test features and images are not in the same order")
     labels = splits["test"].label
     val_out, test_out = {}, {}
-    n_bank_samples = bank_samples(config, len(splits["train"]))
+    bank_rows = bank_sample_indices(config, class_name, len(splits["train"]))  # issue 14
     for modality in source.modalities:
-        library = np.asarray(arrays["train"][modality][:n_bank_samples], np.float32)
+        library = np.asarray(arrays["train"][modality][bank_rows], np.float32)
         library = library.reshape(-1, library.shape[-1])
         ratio = (
             config.patchcore.rgb_coreset_ratio
