@@ -180,8 +180,8 @@ def probe(params, cfg, split: dict[str, np.ndarray], normal: np.ndarray) -> floa
     q = model.apply({"params": params}, jnp.asarray(f["rgb"]), method="project_rgb")
     k = model.apply({"params": params}, jnp.asarray(f["xyz"]), method="project_xyz")
     q, k = np.asarray(q).reshape(-1, q.shape[-1]), np.asarray(k).reshape(-1, k.shape[-1])
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
     return float(np.mean(np.argmax(q @ k.T, axis=1) == np.arange(len(q))))
 
 
