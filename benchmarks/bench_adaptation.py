@@ -20,8 +20,11 @@ accuracy of the projected features H_I(F_I) -> H_P(F_P) over NORMAL test patches
 chance 1/N. Mean and std over seeds, at the default learning rate (3e-4) and at the best of a
 small sweep (chosen on the mean test I-AUROC, so optimistic).
 
-    .venv/bin/python benchmarks/bench_adaptation.py                      # the docs table
-    .venv/bin/python benchmarks/bench_adaptation.py --seeds 1 --lrs 3e-4  # quick look
+    .venv/bin/python -m benchmarks.bench_adaptation                      # the docs table
+    .venv/bin/python -m benchmarks.bench_adaptation --seeds 1 --lrs 3e-4  # quick look
+
+Run it as a module from the repository root (`-m`), so `lsfa_jax` is imported from this
+checkout rather than from wherever the virtual environment's editable install points.
 
 Prints a markdown table (docs/adaptation_evidence.md holds the one from a full run).
 """
