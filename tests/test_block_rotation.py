@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import types
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from lsfa_jax.data.block_rotation import block_rotation_turns, rotate_blocks
+from lsfa_jax.features.extract import Backbones
+from lsfa_jax.jobs.features import FeatureSource
 from lsfa_jax.jobs.train import make_batches_fn
+from lsfa_jax.models import vit
 
 
 def test_rotate_blocks_matches_a_per_block_loop_and_keeps_the_input():
@@ -67,3 +72,30 @@ def test_batches_carry_the_rotated_features_of_their_samples():
         offsets = np.where(batch["class_id"] == 0, 100.0, 200.0)[:, None, None]
         np.testing.assert_allclose(batch["rgb_rot"], batch["rgb"] + offsets)
     assert "rgb_rot" not in next(iter(make_batches_fn({"a": a, "b": b}, pairs, 4, seed=0)(0)))
+
+
+def test_rotated_features_are_dino_features_of_the_block_rotated_images(tmp_path):
+    cfg = vit.vit_config(
+        dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2, img_size=32)
+    )
+    params = vit.init_random_vit_params(jax.random.PRNGKey(0), cfg)
+    backbones = Backbones(params, cfg, None, None, {}, {})
+    config = ml_collections.ConfigDict(dict(grid_size=8, seed=3, batch_size=2))
+    source = FeatureSource(config, {}, tmp_path, backbones)
+    rng = np.random.default_rng(2)
+    batch = dict(
+        rgb=rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
+        **{"class": np.array(["bagel", "bagel"]), "file_id": np.array(["000", "001"])},
+    )
+    got = source.extract_rotated(batch)["rgb_rot"]
+    rotated = np.stack(
+        [
+            rotate_blocks(batch["rgb"][i], block_rotation_turns(f"bagel/{fid}", 8, 3))
+            for i, fid in enumerate(("000", "001"))
+        ]
+    )
+    want = np.asarray(vit.dino_patch_grid(params, rotated, model_cfg=cfg))
+    assert got.shape == (2, 64, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    plain = np.asarray(vit.dino_patch_grid(params, batch["rgb"], model_cfg=cfg))
+    assert np.abs(got - plain).max() > 1e-3  # the rotation changes the features
