@@ -184,7 +184,7 @@ def test_lr_schedule_short_runs_warm_up_then_decay_and_reference_stays_near_peak
     assert np.all(np.diff(lr[6:]) < 0)
     # The default 2-epoch run: warm-up over the first epoch, cosine to 0 at the end.
     full = [float(lr_schedule(tiny_config(warmup_steps=332, lr=3e-4), 664)(u)) for u in (332, 664)]
-    assert full == pytest.approx([3e-4, 0.0], abs=1e-12)
+    assert full == pytest.approx([3e-4, 0.0], rel=1e-6, abs=1e-12)  # float32 schedule
     # The reference variant: 41 updates of 16 batches, 20 warm-up updates, then about 3e-4.
     ref = tiny_config(lr=3e-4, **{k: v for k, v in reference_code_overrides().items() if k in (
         "accum_steps", "warmup_steps", "lr_decay_steps")})  # fmt: skip
