@@ -7,15 +7,15 @@ same pipeline as MVTec 3D-AD.
 The conversion (lsfa_jax/data/eyecandies.py) follows M3DM's utils/preprocess_eyecandies.py, the
 preprocessing behind the paper's Table 3: it back-projects the depth maps with the dataset's
 intrinsics and pose and removes the table and far / wide points itself, writing them as (0, 0, 0)
-(missing), so support-plane removal is off.
+(missing), so support-plane removal is off. The variants of configs/mvtec3d.py apply here too.
 """
 
 import ml_collections
 
-from configs.base import get_base_config
+from configs.base import apply_variant, get_base_config
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = get_base_config()
     config.data.name = "eyecandies"
     config.data_dir = "data/eyecandies"
@@ -23,4 +23,4 @@ def get_config() -> ml_collections.ConfigDict:
     # M3DM, whose PatchCore runs give Table 3's baseline rows, fits its banks on at most 401
     # training samples per class (reference notes 1.4; Eyecandies has 1000): the same here.
     config.patchcore.max_train_samples = 401
-    return config
+    return apply_variant(config, variant, "configs/eyecandies.py")

@@ -290,3 +290,42 @@ def test_lsfa_loss_rotation_term():
     assert t["rot"] > 0
     without = t["ifc"] + 0.6 * t["clc"]
     np.testing.assert_allclose(float(total), without + 0.05 * t["rot"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 0.1])
+def test_clc_unnormalised_uses_raw_inner_products(T):
+    rng = np.random.default_rng(13)
+    q = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    k = rng.normal(size=(2, 6, 5)).astype(np.float32)
+    fg = rng.random((2, 6)) < 0.7
+    a, b = q.reshape(-1, 5)[fg.reshape(-1)], k.reshape(-1, 5)[fg.reshape(-1)]
+
+    def raw_infonce(x, y):
+        logits = x @ y.T / T
+        return np.mean(logsumexp(logits, axis=1) - np.diag(logits))
+
+    want = 0.5 * (raw_infonce(a, b) + raw_infonce(b, a))
+    got = clc_local_loss(q, k, fg, T, chunk_size=4, normalize=False)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert abs(want - np_symmetric(a, b, T)) > 1e-2  # normalising changes it
+    with pytest.raises(ValueError, match="clc_temperature"):
+        LossConfig(clc_temperature=0.0)
+
+
+def test_zero_weight_terms_are_exactly_zero_and_the_rest_unchanged():
+    model, params, batch, banks = tiny_setup(3)
+    key, step = jax.random.PRNGKey(0), jnp.int32(0)
+    full = LossConfig(global_method="masked_mean")
+    off = LossConfig(global_method="masked_mean", w_ga=0.0, w_lc=0.0, clc_temperature=0.5)
+    _, aux_full = jit_lsfa_loss(params, model, batch, banks, step, key, full)
+    t_full = {k: float(v) for k, v in aux_full["terms"].items()}
+    total, aux = jit_lsfa_loss(params, model, batch, banks, step, key, off)
+    t = {k: float(v) for k, v in aux["terms"].items()}
+    assert t["ga"] == t["lc_rgb"] == t["lc_xyz"] == 0.0
+    assert t["gc_rgb"] == pytest.approx(t_full["gc_rgb"], rel=1e-6) and t["gc_rgb"] > 0
+    assert t["la"] > 0 and t["la"] != pytest.approx(t_full["la"])  # the temperature is used
+    want = (t["gc_rgb"] + t["gc_xyz"]) + 0.6 * t["la"]
+    np.testing.assert_allclose(float(total), want, rtol=1e-6)
+    no_family = LossConfig(global_method="masked_mean", lambda_clc=0.0)
+    t0 = jit_lsfa_loss(params, model, batch, banks, step, key, no_family)[1]["terms"]
+    assert float(t0["la"]) == float(t0["ga"]) == float(t0["clc"]) == 0.0

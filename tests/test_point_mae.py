@@ -82,7 +82,7 @@ def pack(organized: np.ndarray) -> tuple[jax.Array, jax.Array, np.ndarray, np.nd
     return points, mask, np.asarray(points), np.asarray(mask)
 
 
-fps_jit = jax.jit(pm.farthest_point_sampling, static_argnums=2)
+fps_jit = jax.jit(pm.farthest_point_sampling, static_argnums=(2, 3))
 knn_jit = jax.jit(pm.knn_group, static_argnums=(3, 4))
 
 
@@ -277,3 +277,94 @@ def test_orbax_round_trip_and_config_checks(tmp_path):
         pm.point_mae_encoder(dict(SMALL_CFG, num_group=2))
     with pytest.raises(ValueError, match="out_layers"):
         pm.point_mae_encoder(dict(SMALL_CFG, out_layers=(4,)))
+
+
+# ------------------------------------------------------------- pointnet2 FPS ties, M3DM BatchNorm
+
+
+def fps_pointnet2_numpy(points: np.ndarray, mask: np.ndarray, m: int) -> np.ndarray:
+    """A plain-loop emulation of pointnet2's furthest_point_sampling_kernel on the mask's valid
+    points (they come first): thread stripes with a strict '>' scan, then the halving tree."""
+    n = int(mask.sum())
+    pts = points[:n].astype(np.float32)
+    threads = max(min(1 << int(np.log2(n)), 512), 1)
+    temp = np.full(n, 1e10, np.float32)
+    out = [0]
+    for _ in range(m - 1):
+        old = pts[out[-1]]
+        best, best_i = np.full(threads, -1.0, np.float32), np.zeros(threads, int)
+        for t in range(threads):
+            for k in range(t, n, threads):
+                p = pts[k]
+                if p[0] * p[0] + p[1] * p[1] + p[2] * p[2] <= np.float32(1e-3):
+                    continue
+                diff = p - old
+                d = diff[0] * diff[0] + diff[1] * diff[1] + diff[2] * diff[2]
+                temp[k] = min(d, temp[k])
+                if temp[k] > best[t]:
+                    best[t], best_i[t] = temp[k], k
+        size = threads // 2
+        while size >= 1:
+            for t in range(size):
+                if best[t + size] > best[t]:
+                    best[t], best_i[t] = best[t + size], best_i[t + size]
+            size //= 2
+        out.append(int(best_i[0]))
+    return np.array(out)
+
+
+def test_fps_pointnet2_tie_rule_differs_from_lowest_index_as_the_kernel_does():
+    # 1024 points close to point 0 except two at the same, largest distance: stripes 72 and 368
+    # of the 512 threads. The kernel's tree reduction picks 368, the lowest-index rule 72.
+    rng = np.random.default_rng(3)
+    points = (np.float32([1, 1, 1]) + rng.uniform(0, 0.01, (1024, 3))).astype(np.float32)
+    points[0] = [1, 1, 1]
+    points[72] = [3, 1, 1]
+    points[368] = [1, 3, 1]
+    mask = np.ones(1024, bool)
+    lowest = np.asarray(fps_jit(jnp.asarray(points), jnp.asarray(mask), 2))
+    cuda = np.asarray(fps_jit(jnp.asarray(points), jnp.asarray(mask), 2, "pointnet2"))
+    assert lowest[1] == 72 and cuda[1] == 368
+    np.testing.assert_array_equal(cuda, fps_pointnet2_numpy(points, mask, 2))
+
+
+@pytest.mark.parametrize("n_valid", [600, 300, 37])
+def test_fps_pointnet2_matches_kernel_emulation_on_a_lattice_full_of_ties(n_valid):
+    g = np.arange(9, dtype=np.float32)
+    lattice = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3) + np.float32(1)
+    points = np.zeros((700, 3), np.float32)
+    points[:n_valid] = np.random.default_rng(n_valid).permutation(lattice)[:n_valid]
+    points[4] = [0.01, 0.0, 0.0]  # ||p||^2 <= 1e-3: counted in n, never a centre
+    mask = np.arange(700) < n_valid
+    m = 24
+    got = np.asarray(fps_jit(jnp.asarray(points), jnp.asarray(mask), m, "pointnet2"))
+    want = fps_pointnet2_numpy(points, mask, m)
+    np.testing.assert_array_equal(got, want)
+    # The lattice does force tie choices that the lowest-index rule makes differently.
+    if n_valid >= 300:
+        assert not np.array_equal(want, fps_numpy(points, mask, m))
+    with pytest.raises(ValueError, match="ties"):
+        pm.farthest_point_sampling(jnp.asarray(points), jnp.asarray(mask), 4, "highest")
+
+
+def test_batch_statistics_batchnorm_matches_torch_train_mode(tmp_path):
+    cfg = SMALL_CFG
+    model = make_torch_model(cfg, seed=1)
+    path = tmp_path / "pretrain.pth"
+    save_like_point_mae(model, path, decoder_dim=cfg["trans_dim"])
+    rng = np.random.default_rng(4)
+    centres = (rng.normal(size=(cfg["num_group"], 3)) * 0.05 + [0, 0, 0.65]).astype(np.float32)
+    groups = (rng.normal(size=(cfg["num_group"], cfg["group_size"], 3)) * 0.01).astype(np.float32)
+    encoders = {bn: pm.point_mae_encoder(dict(cfg, batchnorm=bn)) for bn in ("running", "batch")}
+    variables = pm.load_point_mae_variables(path, dict(cfg, batchnorm="batch"))
+    got = {bn: np.asarray(pm.encode(e, variables, groups, centres)) for bn, e in encoders.items()}
+    c = cfg["trans_dim"]
+    for mode, bn in ((model.eval, "running"), (model.train, "batch")):
+        mode()
+        with torch.no_grad():
+            taps = model(torch.from_numpy(groups), torch.from_numpy(centres))
+        for j, tap in enumerate(taps):
+            np.testing.assert_allclose(got[bn][:, j * c : (j + 1) * c], tap.numpy(), atol=1e-4)
+    assert np.abs(got["batch"] - got["running"]).max() > 0.1
+    with pytest.raises(ValueError, match="batchnorm"):
+        pm.point_mae_encoder(dict(cfg, batchnorm="train"))

@@ -7,11 +7,25 @@ number of foreground patches, as the reference code does).
 
 Total (Eq. 9): L = w_ifc * [w_lc * (L_LC^I + L_LC^P) + w_gc * (L_GC^I + L_GC^P)]
                  + lambda * (w_la * L_LA + w_ga * L_GA) + w_rot * L_rot.
-Paper defaults: all w = 1 except w_rot = 0, lambda = 0.6. The reference code's variant (notes
-4.4/4.7) is lambda = 1, w_la = 1, w_ga = 0.1, w_rot = 0.05, w_ifc = 0.9, w_gc = 0.4, capped
-distances, InfoNCE scaled by 2T, IFC only after 60 steps and for samples whose class RGB bank is
-(nearly) full. L_rot is the reference's local-rotation term (notes 4.3): it needs the DINO
-features of the block-rotated image in the batch (`rgb_rot`, (B, P, Ci), no CLS).
+Paper defaults: all w = 1 except w_rot = 0, lambda = 0.6. The reference code's variant is
+lambda = 1, w_la = 1, w_ga = 0.1, w_rot = 0.05, w_ifc = 0.9, w_gc = 0.4, capped distances,
+InfoNCE scaled by 2T, IFC only after 60 steps and for samples whose class RGB bank is (nearly)
+full. L_rot is the reference's local-rotation term: it needs the DINO features of the
+block-rotated image in the batch (`rgb_rot`, (B, P, Ci), no CLS).
+
+A term whose weight is 0 (w_la, w_ga, w_rot, w_lc, w_gc, or a whole family through lambda_clc /
+w_ifc) is not computed and is reported as exactly 0, so an ablation costs less and its logs show
+which terms were off.
+
+CLC logits. The paper's Eqs. 2-3 are raw inner products <F'_I, F'_P>. The reference code, like
+MoCo v3, L2-normalises the projections and divides by T = 1, so every logit lies in [-1, 1] and
+InfoNCE over N patches can fall at most about 2 nats below its chance level log N: the local
+term barely moves and gives the adaptors little signal. `clc_normalize` (default True) and
+`clc_temperature` (default 1.0) keep the reference's form by default, because it is the only
+public implementation and raw inner products of unbounded projections can make the logits
+explode; `clc_temperature` < 1 (e.g. 0.1) widens the range to [-1/T, 1/T], and
+`clc_normalize=False` gives the paper's raw inner products (divided by `clc_temperature`).
+`benchmarks/bench_adaptation.py` measures the effect of each (docs/adaptation_evidence.md).
 """
 
 from __future__ import annotations
@@ -74,13 +88,18 @@ def symmetric_infonce(
     temperature: float = 1.0,
     scale_by_2t: bool = False,
     chunk_size: int | None = None,
+    normalize: bool = True,
 ) -> jax.Array:
     """0.5 * (InfoNCE(a->b) + InfoNCE(b->a)) over the valid rows; a, b (N, E), mask (N,).
 
-    Positive of row i is row i of the other modality; embeddings are L2-normalised first.
-    `scale_by_2t` multiplies by 2T as the reference (MoCo v3) code does. 0 when no row is valid.
+    Positive of row i is row i of the other modality; embeddings are L2-normalised first unless
+    `normalize` is False (the paper's raw inner products). `scale_by_2t` multiplies by 2T as the
+    reference (MoCo v3) code does. 0 when no row is valid.
     """
-    a, b = _l2_normalize(a), _l2_normalize(b)
+    if normalize:
+        a, b = _l2_normalize(a), _l2_normalize(b)
+    else:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     loss = 0.5 * (
         _infonce_rows(a, b, mask, temperature, chunk_size)
         + _infonce_rows(b, a, mask, temperature, chunk_size)
@@ -95,6 +114,7 @@ def clc_local_loss(
     temperature: float = 1.0,
     scale_by_2t: bool = False,
     chunk_size: int | None = 4096,
+    normalize: bool = True,
 ) -> jax.Array:
     """L_LA (Eq. 2): patch-level cross-modal InfoNCE over the foreground patches of the batch.
 
@@ -109,6 +129,7 @@ def clc_local_loss(
         temperature,
         scale_by_2t,
         chunk_size,
+        normalize,
     )
 
 
@@ -118,6 +139,7 @@ def clc_global_loss(
     temperature: float = 1.0,
     valid: jax.Array | None = None,
     scale_by_2t: bool = False,
+    normalize: bool = True,
 ) -> jax.Array:
     """L_GA (Eq. 3): InfoNCE between projected instance features g_img, g_pt (B, E); symmetric.
 
@@ -125,7 +147,7 @@ def clc_global_loss(
     """
     if valid is None:
         valid = jnp.ones(g_img.shape[:1], bool)
-    return symmetric_infonce(g_img, g_pt, valid, temperature, scale_by_2t)
+    return symmetric_infonce(g_img, g_pt, valid, temperature, scale_by_2t, None, normalize)
 
 
 def random_subset(fg: jax.Array, divisor: int, key: jax.Array) -> jax.Array:
@@ -219,7 +241,8 @@ class LossConfig:
     w_gc: float = 1.0
     w_rot: float = 0.0
     rot_subset_divisor: int = 6
-    temperature: float = 1.0
+    clc_temperature: float = 1.0
+    clc_normalize: bool = True
     scale_by_2t: bool = False
     capped_distance: bool = False
     distance_cap: float = 50.0
@@ -232,6 +255,12 @@ class LossConfig:
     kmeans_iters: int = 10
     clc_chunk_size: int = 4096
     nn_chunk_size: int = 8192
+
+    def __post_init__(self):
+        if not self.clc_temperature > 0:
+            raise ValueError(
+                f"adaptation.clc_temperature={self.clc_temperature}: must be > 0 (1.0: reference)"
+            )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> LossConfig:
@@ -276,11 +305,20 @@ def lsfa_loss(
 
     g_img, g_pt = globals_of(f_img, keys[0]), globals_of(f_pt, keys[1])
     has_fg = fg.any(axis=1)
+    zero = jnp.zeros((), jnp.float32)
+    # Static weights: a term weighted 0 is skipped (and reported as 0), see the module docstring.
+    clc_on, ifc_on = cfg.lambda_clc != 0, cfg.w_ifc != 0
+    contrast = dict(
+        temperature=cfg.clc_temperature, scale_by_2t=cfg.scale_by_2t, normalize=cfg.clc_normalize
+    )
 
-    la = clc_local_loss(q, k, fg, cfg.temperature, cfg.scale_by_2t, cfg.clc_chunk_size)
-    g_q = model.apply({"params": params}, g_img, method="project_rgb")
-    g_k = model.apply({"params": params}, g_pt, method="project_xyz")
-    ga = clc_global_loss(g_q, g_k, cfg.temperature, has_fg, cfg.scale_by_2t)
+    la = ga = zero
+    if clc_on and cfg.w_la:
+        la = clc_local_loss(q, k, fg, chunk_size=cfg.clc_chunk_size, **contrast)
+    if clc_on and cfg.w_ga:
+        g_q = model.apply({"params": params}, g_img, method="project_rgb")
+        g_k = model.apply({"params": params}, g_pt, method="project_xyz")
+        ga = clc_global_loss(g_q, g_k, valid=has_fg, **contrast)
 
     bank_ids = batch["class_id"].astype(jnp.int32) if cfg.banks_per_class else jnp.zeros(B, int)
     rgb_bank = banks["rgb_local"]
@@ -288,21 +326,26 @@ def lsfa_loss(
     eligible = (rgb_bank.count[bank_ids] >= needed) & (step >= cfg.ifc_warmup_steps)
     rgb_mask = jnp.ones_like(fg) if cfg.rgb_local_all_patches else fg
     dist = dict(capped=cfg.capped_distance, cap=cfg.distance_cap, chunk_size=cfg.nn_chunk_size)
-    lc_rgb = ifc_local_loss(f_img, rgb_mask & eligible[:, None], rgb_bank, bank_ids, **dist)
-    lc_xyz = ifc_local_loss(f_pt, fg & eligible[:, None], banks["xyz_local"], bank_ids, **dist)
-    g_ok = has_fg & eligible
-    gc_rgb = ifc_global_loss(g_img, banks["rgb_global"], bank_ids, g_ok, **dist)
-    gc_xyz = ifc_global_loss(g_pt, banks["xyz_global"], bank_ids, g_ok, **dist)
+    lc_rgb = lc_xyz = gc_rgb = gc_xyz = zero
+    if ifc_on and cfg.w_lc:
+        lc_rgb = ifc_local_loss(f_img, rgb_mask & eligible[:, None], rgb_bank, bank_ids, **dist)
+        lc_xyz = ifc_local_loss(f_pt, fg & eligible[:, None], banks["xyz_local"], bank_ids, **dist)
+    if ifc_on and cfg.w_gc:
+        g_ok = has_fg & eligible
+        gc_rgb = ifc_global_loss(g_img, banks["rgb_global"], bank_ids, g_ok, **dist)
+        gc_xyz = ifc_global_loss(g_pt, banks["xyz_global"], bank_ids, g_ok, **dist)
 
     clc = cfg.w_la * la + cfg.w_ga * ga
     ifc = cfg.w_lc * (lc_rgb + lc_xyz) + cfg.w_gc * (gc_rgb + gc_xyz)
     total = cfg.w_ifc * ifc + cfg.lambda_clc * clc
-    rot = jnp.zeros(())
+    rot = zero
     if cfg.w_rot:
         f_rot = model.apply({"params": params}, batch["rgb_rot"], method="adapt_rgb")
         q_rot = model.apply({"params": params}, f_rot, method="project_rgb").astype(jnp.float32)
         subset = random_subset(fg, cfg.rot_subset_divisor, jax.random.fold_in(key, 1))
-        rot = rotation_loss(q, q_rot, subset, cfg.temperature, cfg.scale_by_2t, cfg.clc_chunk_size)
+        rot = rotation_loss(
+            q, q_rot, subset, cfg.clc_temperature, cfg.scale_by_2t, cfg.clc_chunk_size
+        )
         total = total + cfg.w_rot * rot
     terms = dict(
         total=total,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from lsfa_jax.data.few_shot import few_shot_indices
 from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, padded_bank_size
 from lsfa_jax.patchcore.coreset import coreset_size
 
@@ -23,10 +24,15 @@ def name_key(seed: int, *names: str) -> jax.Array:
     return key
 
 
-def bank_samples(max_train_samples: int, n_train: int) -> int:
-    """Training samples of a class that go into its banks (`patchcore.max_train_samples`,
-    0: all of them)."""
-    return min(n_train, max_train_samples) if max_train_samples > 0 else n_train
+def bank_sample_indices(
+    class_name: str, n_train: int, *, few_shot: int, max_train_samples: int, seed: int
+) -> np.ndarray:
+    """Indices of a class's training samples that go into its banks: the few-shot samples the
+    adaptors are trained on (`adaptation.few_shot` > 0, paper 4.4: they are the training set),
+    else the first `patchcore.max_train_samples` (0: all of them)."""
+    if few_shot > 0:
+        return few_shot_indices(class_name, n_train, few_shot, seed)
+    return np.arange(min(n_train, max_train_samples) if max_train_samples > 0 else n_train)
 
 
 def bank_padded_size(rows_per_class: Sequence[int], ratio: float) -> int:

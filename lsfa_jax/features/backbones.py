@@ -27,10 +27,12 @@ def _point_features(
 ) -> tuple[jax.Array, jax.Array]:
     """(S, S, 3) organized cloud -> ((grid^2, C) patch features, (grid^2,) foreground)."""
     points, pixel_index, point_mask = pack_valid_points(organized.astype(jnp.float32))
-    centre_idx = point_mae.farthest_point_sampling(points, point_mask, encoder.num_group)
+    centre_idx = point_mae.farthest_point_sampling(
+        points, point_mask, encoder.num_group, encoder.fps_ties
+    )
     centres = points[centre_idx]
     _, neighbourhoods = point_mae.knn_group(points, point_mask, centres, encoder.group_size)
-    centre_features = encoder.apply(variables, neighbourhoods, centres)
+    centre_features = point_mae.encode(encoder, variables, neighbourhoods, centres)
     point_features = point_mae.interpolate_to_points(points, point_mask, centres, centre_features)
     return project_points_to_grid(
         point_features, pixel_index, point_mask, organized.shape[:2], grid_size

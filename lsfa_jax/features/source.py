@@ -1,7 +1,8 @@
 """Patch features of every split for the configured method, computed once and cached.
 
 method fpfh: FPFH point features only ({"xyz", "fg"}); methods raw / lsfa: frozen DINO +
-Point-MAE features ({"rgb", "rgb_cls", "xyz", "fg"}).
+Point-MAE features ({"rgb", "rgb_cls", "xyz", "fg"}). The rotation term of the loss (w_rot > 0)
+also needs DINO features of block-rotated training images ({"rgb_rot"}), cached separately.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lsfa_jax.data.block_rotation import block_rotation_turns, rotate_blocks
 from lsfa_jax.features import cache
 from lsfa_jax.features.extract import Backbones, extract_batch, load_backbones
 from lsfa_jax.features.fpfh import FpfhParams, fpfh_patch_features
+from lsfa_jax.models import vit
 
 
 @dataclasses.dataclass
@@ -68,6 +72,40 @@ class FeatureSource:
             for start in range(0, count, size)
         ]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def extract_rotated(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """DINO features of the training images with each grid cell's pixel block rotated by a
+        seeded quarter turn (`data.block_rotation`): {"rgb_rot": (B, P, D_rgb)}."""
+        grid = self.config.grid_size
+        images = np.stack(
+            [
+                rotate_blocks(image, block_rotation_turns(f"{cls}/{fid}", grid, self.config.seed))
+                for image, cls, fid in zip(
+                    batch["rgb"], batch["class"], batch["file_id"], strict=True
+                )
+            ]
+        )
+        rgb = vit.dino_patch_grid(
+            self.backbones.rgb_params,
+            jnp.asarray(images),
+            model_cfg=self.backbones.rgb_cfg,
+            precision=self.backbones.precision,
+        )
+        return {"rgb_rot": np.asarray(rgb)}
+
+    def rotated_train(self, class_name: str) -> cache.SplitFeatures:
+        """`rgb_rot` features of a class's training split (computed once, cached)."""
+        if self.backbones is None:
+            raise ValueError("rotated-image features need the DINO backbone (not method=fpfh)")
+        return cache.split_features(
+            self.extract_rotated,
+            f"{self.fingerprint()}-blockrot-seed{self.config.seed}",
+            self.prepared,
+            class_name,
+            "train",
+            self.cache_root,
+            batch_size=self.config.batch_size,
+        )
 
     def split(self, class_name: str, split: str) -> cache.SplitFeatures:
         return cache.split_features(

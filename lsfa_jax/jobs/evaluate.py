@@ -94,10 +94,24 @@ def load_or_train_adaptors(
         logging.info("Loading adaptors from %s", config.checkpoint)
         params = load_adaptor_params(config.checkpoint)
         return params, trained_adaptor_settings(config.checkpoint, config)
-    train = [source.split(c, "train") for c in classes]
+    # Classes by name: few-shot draws are keyed by the class name. The rotation term (w_rot)
+    # needs DINO features of the block-rotated training images.
+    train = {c: source.split(c, "train") for c in classes}
+    rotated = {c: source.rotated_train(c) for c in classes} if config.adaptation.w_rot else None
     with manifest.stage("adaptation"):
-        params, cfg = train_lsfa(config, train, workdir)
+        params, cfg = train_lsfa(config, train, workdir, rotated)
     return params, AdaptorSettings.from_mapping(cfg)
+
+
+def bank_indices(config: ml_collections.ConfigDict, class_name: str, n_train: int):
+    """`evaluators.banks.bank_sample_indices` with the run's settings."""
+    return bank_eval.bank_sample_indices(
+        class_name,
+        n_train,
+        few_shot=int(config.adaptation.few_shot),
+        max_train_samples=int(config.patchcore.max_train_samples),
+        seed=int(config.seed),
+    )
 
 
 def coreset_ratio(config: ml_collections.ConfigDict, modality: str) -> float:
@@ -126,10 +140,10 @@ def evaluate_one_class(
         )
         for s, f in splits.items()
     }
-    n_bank = bank_eval.bank_samples(config.patchcore.max_train_samples, len(splits["train"]))
+    bank_rows = bank_indices(config, class_name, len(splits["train"]))
     banks = bank_eval.build_class_banks(
         class_name,
-        {m: arrays["train"][m][:n_bank] for m in source.modalities},
+        {m: arrays["train"][m][bank_rows] for m in source.modalities},
         ratios={m: coreset_ratio(config, m) for m in source.modalities},
         padded=padded,
         seed=config.seed,
@@ -203,10 +217,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     padded = {}
     for modality in source.modalities:
         rows = [
-            bank_eval.bank_samples(
-                config.patchcore.max_train_samples, len(source.split(c, "train"))
-            )
-            * config.grid_size**2
+            len(bank_indices(config, c, len(source.split(c, "train")))) * config.grid_size**2
             for c in classes
         ]
         padded[modality] = bank_eval.bank_padded_size(rows, coreset_ratio(config, modality))

@@ -11,9 +11,10 @@ Clouds have a static padded length N with a (N,) bool `point_mask`; the valid po
 Small clouds: `check_cloud` (host side, before any jitted call) raises when a cloud has fewer
 valid points than `group_size`, since a group would have to contain padding. A cloud with
 `group_size <= n_valid < num_group` is accepted: once every eligible point has been chosen, all
-running distances are 0 and FPS returns the lowest-index eligible point again, i.e. duplicates of
-already chosen centres (as the pointnet2 kernel does). Duplicated centres give duplicated groups
-and tokens; 3-NN interpolation then weights the identical centres equally.
+running distances are 0 and FPS returns an already chosen centre again (the lowest-index
+eligible point, or the kernel's tie choice with fps_ties="pointnet2"), as the pointnet2 kernel
+does. Duplicated centres give duplicated groups and tokens; 3-NN interpolation then weights the
+identical centres equally.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ FPS_INIT_DISTANCE = 1e10
 # Added to squared distances in the 3-NN inverse-distance weights.
 INTERPOLATION_EPS = 1e-8
 
+# pointnet2's FPS kernel runs one block of at most this many threads per cloud.
+FPS_CUDA_MAX_THREADS = 512
+
 # Encoder fields a `model_cfg` may set (the `point_backbone` config uses exactly these names).
 CONFIG_FIELDS = (
     "num_group",
@@ -47,7 +51,11 @@ CONFIG_FIELDS = (
     "num_heads",
     "mlp_ratio",
     "out_layers",
+    "fps_ties",
+    "batchnorm",
 )
+FPS_TIES = ("lowest", "pointnet2")
+BATCHNORMS = ("running", "batch")
 
 
 def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -75,26 +83,67 @@ def check_cloud(n_valid: int, num_group: int, group_size: int, name: str) -> Non
         )
 
 
+def _pointnet2_argmax(values: jax.Array, eligible: jax.Array, n_points: jax.Array) -> jax.Array:
+    """Index the pointnet2 CUDA kernel picks as the maximum of `values` (N,) over `eligible`.
+
+    The kernel runs T threads, T the largest power of two <= n_points (the number of points it
+    is given: the valid points, padding excluded) and at most 512. Thread t scans
+    points t, t + T, t + 2T, ... and keeps the first strictly larger value (so the lowest index
+    of its stripe on ties); then a tree reduction halves the threads, slot i keeping slot i + s
+    only when that value is strictly larger. On ties between stripes the winner is therefore
+    the slot that survives the tree, not the lowest index: e.g. with 512 threads, tied points in
+    stripes 72 and 368 give 368 (368 reaches slot 0 through 112, 48 and 16 before 72 does).
+    """
+    n = values.shape[0]
+    powers = 2 ** jnp.arange(FPS_CUDA_MAX_THREADS.bit_length(), dtype=jnp.int32)
+    threads = jnp.max(jnp.where(powers <= jnp.maximum(n_points, 1), powers, 1))
+    index = jnp.arange(n, dtype=jnp.int32)
+    slot = index % threads
+    v = jnp.where(eligible, values, -1.0)
+    slots = FPS_CUDA_MAX_THREADS
+    best = jax.ops.segment_max(v, slot, num_segments=slots)  # -inf for slots >= threads
+    first = jnp.where(eligible & (v == best[slot]), index, n)
+    best_index = jax.ops.segment_min(first, slot, num_segments=slots)
+    best_index = jnp.where(best_index >= n, 0, best_index)  # a thread with no candidate: 0
+    best = jnp.where(jnp.arange(slots) < threads, jnp.maximum(best, -1.0), -jnp.inf)
+    step = slots // 2
+    while step >= 1:
+        take = best[step : 2 * step] > best[:step]
+        best = best.at[:step].set(jnp.where(take, best[step : 2 * step], best[:step]))
+        best_index = best_index.at[:step].set(
+            jnp.where(take, best_index[step : 2 * step], best_index[:step])
+        )
+        step //= 2
+    return best_index[0].astype(jnp.int32)
+
+
 def farthest_point_sampling(
-    points: jax.Array, point_mask: jax.Array, num_samples: int
+    points: jax.Array, point_mask: jax.Array, num_samples: int, ties: str = "lowest"
 ) -> jax.Array:
-    """Farthest point sampling with pointnet2 CUDA semantics.
+    """Farthest point sampling as pointnet2's CUDA kernel (used by Point-MAE, M3DM and LSFA).
 
     The first centre is index 0; the running minimum squared distance starts at 1e10; points
     with ||p||^2 <= 1e-3 or point_mask False are never selected; each step takes the argmax of
-    the running minimum, lowest index on ties.
+    the running minimum. Ties: `ties="lowest"` (default) takes the lowest index, which is not
+    always the kernel's choice; `ties="pointnet2"` reproduces the kernel's per-thread stripes
+    and tree reduction (`_pointnet2_argmax`). Exact ties are rare on real clouds, so the two
+    agree there; they differ on lattice-like clouds.
 
     Args:
       points: (N, 3) float32.
       point_mask: (N,) bool.
       num_samples: static number of centres.
+      ties: "lowest" | "pointnet2" (static).
 
     Returns:
       (num_samples,) int32 indices into points.
     """
+    if ties not in FPS_TIES:
+        raise ValueError(f"farthest_point_sampling: ties={ties!r}; use one of {FPS_TIES}")
     points = points.astype(jnp.float32)
     norm2 = points[:, 0] * points[:, 0] + points[:, 1] * points[:, 1] + points[:, 2] * points[:, 2]
     eligible = point_mask & (norm2 > FPS_MIN_SQUARED_NORM)
+    n_points = jnp.sum(point_mask)
     indices = jnp.zeros((num_samples,), jnp.int32)
     min_distance = jnp.full(points.shape[:1], FPS_INIT_DISTANCE, jnp.float32)
 
@@ -103,8 +152,11 @@ def farthest_point_sampling(
         last = points[indices[i - 1]]
         distance = squared_distances(points, last[None])[:, 0]
         min_distance = jnp.where(eligible, jnp.minimum(min_distance, distance), min_distance)
-        # jnp.argmax returns the first maximal index, the lowest-index tie rule.
-        chosen = jnp.argmax(jnp.where(eligible, min_distance, -1.0)).astype(jnp.int32)
+        if ties == "pointnet2":
+            chosen = _pointnet2_argmax(min_distance, eligible, n_points)
+        else:
+            # jnp.argmax returns the first maximal index, the lowest-index tie rule.
+            chosen = jnp.argmax(jnp.where(eligible, min_distance, -1.0)).astype(jnp.int32)
         return indices.at[i].set(chosen), min_distance
 
     indices, _ = jax.lax.fori_loop(1, num_samples, step, (indices, min_distance))
@@ -195,17 +247,26 @@ def interpolate_to_points(
 class MiniPointNet(nn.Module):
     """Point-MAE group `Encoder`: (..., G, k, 3) centred neighbourhoods -> (..., G, C) tokens.
 
-    Conv1d(k=1) layers are Dense layers on the last axis; BatchNorm uses running statistics.
+    Conv1d(k=1) layers are Dense layers on the last axis. BatchNorm uses the checkpoint's running
+    statistics (`batchnorm="running"`, LSFA's eval mode) or, with "batch", the statistics of the
+    input over all its leading axes (M3DM, which never calls eval(); it extracts one cloud at a
+    time, so the statistics are those of one cloud's groups and points).
     """
 
     encoder_channel: int
     dtype: Any = jnp.float32
     precision: jax.lax.Precision = PINNED
+    batchnorm: str = "running"
 
     @nn.compact
     def __call__(self, neighbourhoods: jax.Array) -> jax.Array:
+        running = self.batchnorm == "running"
         batch_norm = lambda name: nn.BatchNorm(
-            use_running_average=True, epsilon=1e-5, dtype=self.dtype, name=name
+            use_running_average=running,
+            epsilon=1e-5,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            name=name,
         )
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, precision=self.precision, name=name)
         h = dense(128, "first_conv_0")(neighbourhoods)
@@ -277,7 +338,10 @@ class Block(nn.Module):
 class PointMAEEncoder(nn.Module):
     """Point-MAE encoder in eval mode, M3DM/LSFA feature taps.
 
-    `num_group` and `group_size` describe the grouping that feeds it (used by the callers).
+    `num_group`, `group_size` and `fps_ties` describe the grouping that feeds it (used by the
+    callers). `batchnorm`: "running" (default, LSFA) or "batch" (M3DM); call it through
+    `encode`, which handles the batch-statistics case. M3DM's active drop-path (0.1) is not
+    reproduced: it is random.
     Call with neighbourhoods (..., G, k, 3) (centred) and centres (..., G, 3) (absolute);
     returns (..., G, len(out_layers) * trans_dim) float32: the outputs of blocks `out_layers`,
     each through the shared final LayerNorm, concatenated in that order. `dtype` and `precision`
@@ -294,11 +358,15 @@ class PointMAEEncoder(nn.Module):
     out_layers: tuple[int, ...] = (3, 7, 11)
     dtype: Any = jnp.float32
     precision: jax.lax.Precision = PINNED
+    fps_ties: str = "lowest"
+    batchnorm: str = "running"
 
     @nn.compact
     def __call__(self, neighbourhoods: jax.Array, centres: jax.Array) -> jax.Array:
         dtype, precision = self.dtype, self.precision
-        x = MiniPointNet(self.trans_dim, dtype, precision, name="encoder")(neighbourhoods)
+        x = MiniPointNet(
+            self.trans_dim, dtype, precision, batchnorm=self.batchnorm, name="encoder"
+        )(neighbourhoods)
         dense = functools.partial(nn.Dense, dtype=dtype, precision=precision)
         pos = dense(128, name="pos_embed_0")(centres)
         pos = dense(self.trans_dim, name="pos_embed_2")(nn.gelu(pos, approximate=False))
@@ -311,6 +379,20 @@ class PointMAEEncoder(nn.Module):
             if i in self.out_layers:
                 taps.append(final_norm(x).astype(jnp.float32))
         return jnp.concatenate(taps, axis=-1)
+
+
+def encode(
+    encoder: PointMAEEncoder,
+    variables: Mapping[str, Any],
+    neighbourhoods: jax.Array,
+    centres: jax.Array,
+) -> jax.Array:
+    """`encoder.apply` for either BatchNorm mode: with batch statistics Flax updates the
+    running averages, which are dropped here (the checkpoint's statistics stay as loaded)."""
+    if encoder.batchnorm == "batch":
+        out, _ = encoder.apply(variables, neighbourhoods, centres, mutable=["batch_stats"])
+        return out
+    return encoder.apply(variables, neighbourhoods, centres)
 
 
 def point_mae_encoder(
@@ -326,6 +408,11 @@ def point_mae_encoder(
         cfg["out_layers"] = tuple(int(i) for i in cfg["out_layers"])
     layers = policy(precision)
     encoder = PointMAEEncoder(**cfg, dtype=layers.dtype, precision=layers.precision)
+    if encoder.fps_ties not in FPS_TIES or encoder.batchnorm not in BATCHNORMS:
+        raise ValueError(
+            f"point_backbone config: fps_ties={encoder.fps_ties!r} (use one of {FPS_TIES}), "
+            f"batchnorm={encoder.batchnorm!r} (use one of {BATCHNORMS})"
+        )
     bad = [i for i in encoder.out_layers if not 0 <= i < encoder.depth]
     if bad or not encoder.out_layers:
         raise ValueError(
