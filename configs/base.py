@@ -16,24 +16,25 @@ from lsfa_jax.adaptation.train import default_adaptation_config
 
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # every random choice (init, coreset, shuffling) derives from it
     # lsfa: adapted DINO + Point-MAE features; raw: the same backbones without adaptation (the
     # paper's "PatchCore*" rows); fpfh: PatchCore on hand-made FPFH point features only.
     config.method = "lsfa"
-    config.mode = "train_eval"
+    config.mode = "train_eval"  # train_eval | eval | predict | prepare | convert | keys
     config.checkpoint = ""  # adaptor checkpoint for mode=eval / predict
     config.input = ""  # folder or sample for mode=predict
-    config.skip_bad_samples = False
+    config.skip_bad_samples = False  # True: leave unreadable samples out (listed) instead of failing
+    config.debug = False  # True: user errors show their traceback too (or LSFA_DEBUG=1)
 
-    config.data_dir = ml_collections.FieldReference("", field_type=str)
+    config.data_dir = ml_collections.FieldReference("", field_type=str)  # raw dataset (read only)
     config.cache_dir = ""  # default: <workdir>/cache
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "mvtec3d"
+    config.data.name = "mvtec3d"  # mvtec3d | eyecandies | synthetic
     config.data.data_dir = config.get_ref("data_dir")
     config.data.classes = "all"  # or comma-separated names: "bagel,tire"
-    config.data.image_size = 224
-    config.data.preprocess = True
+    config.data.image_size = 224  # side of the square images the backbones see
+    config.data.preprocess = True  # remove the support plane and outlier points (RANSAC, DBSCAN)
     config.data.num_workers = 0  # 0: all CPU cores
     config.data.seed = config.get_ref("seed")
     config.data.plane = ml_collections.ConfigDict(
@@ -48,9 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    config.allow_random_init = False
-    config.rgb_weights = ""
-    config.point_weights = ""
+    config.allow_random_init = False  # True: random backbones when no weights (not the paper)
+    config.rgb_weights = ""  # DINO ViT-B/8 checkpoint (.pth / .safetensors / .npz / orbax dir)
+    config.point_weights = ""  # Point-MAE pretrain.pth (or converted)
     config.rgb_backbone = ml_collections.ConfigDict(
         dict(patch_size=8, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4)
     )
@@ -75,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
     config.batch_size = 8  # feature extraction and scoring
-    config.grid_size = 56
+    config.grid_size = 56  # patch grid side of the features and banks
 
     config.patchcore = ml_collections.ConfigDict(
         dict(
@@ -109,5 +110,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             threshold_quantile=0.99,
         )
     )
-    config.report = ml_collections.ConfigDict(dict(num_overlays=4, plots=True))
+    config.report = ml_collections.ConfigDict(
+        dict(
+            num_overlays=4,  # overlay images per class and group (missed, false alarm, top)
+            plots=True,  # ROC and PRO curve images
+        )
+    )
     return config

@@ -5,17 +5,8 @@
       --config.rgb_weights=checkpoints/dino_vitbase8_pretrain.pth \
       --config.point_weights=checkpoints/pointmae_pretrain.pth
 
-The paper's other rows are variants, chosen after a colon: `--config=configs/mvtec3d.py:raw`.
-
-  raw        PatchCore on unadapted DINO / Point-MAE features ("PatchCore*", ablation baseline)
-  fpfh       PatchCore + FPFH point features (no weights needed)
-  ifc_only   IFC losses only (Table 5, CLC off)
-  clc_only   CLC losses only (Table 5, IFC off)
-  la_only    CLC with the local term only (Table 4);  ga_only: global term only
-  lc_only    IFC with the local term only (Table 6);  gc_only: global term only
-  linear, encoder2, conv1x1   adaptor structures (Table 7; the default is one encoder layer)
-  fewshot5, fewshot10, fewshot50   seeded few-shot training sets per class (Table 9)
-  reference  the reference code's loss variant and schedule (reference notes 4.4-4.7)
+The paper's other rows are variants, chosen after a colon: `--config=configs/mvtec3d.py:raw`
+(`VARIANT_HELP` below; `python main.py --help` lists them).
 """
 
 import ml_collections
@@ -23,6 +14,23 @@ import ml_collections
 from configs.base import get_base_config
 from lsfa_jax.adaptation.train import reference_code_overrides
 
+VARIANT_HELP = {
+    "raw": "PatchCore on unadapted DINO / Point-MAE features (PatchCore*, ablation baseline)",
+    "fpfh": "PatchCore + FPFH point features (no weights needed)",
+    "ifc_only": "IFC losses only (Table 5, CLC off)",
+    "clc_only": "CLC losses only (Table 5, IFC off)",
+    "la_only": "CLC with the local term only (Table 4)",
+    "ga_only": "CLC with the global term only (Table 4)",
+    "lc_only": "IFC with the local term only (Table 6)",
+    "gc_only": "IFC with the global term only (Table 6)",
+    "linear": "linear adaptors (Table 7; the default is one encoder layer)",
+    "encoder2": "two encoder layers per adaptor (Table 7)",
+    "conv1x1": "1x1-convolution adaptors (Table 7)",
+    "fewshot5": "5 seeded training samples per class (Table 9)",
+    "fewshot10": "10 seeded training samples per class (Table 9)",
+    "fewshot50": "50 seeded training samples per class (Table 9)",
+    "reference": "the reference code's loss variant and schedule",
+}
 VARIANTS = {
     "": {},
     "raw": {"method": "raw"},

@@ -4,6 +4,9 @@ Every write goes to a hidden temp file in the target's folder (so the rename sta
 system), is fsynced, then renamed over the target with `os.replace`. On any failure the temp file
 is removed and the previous file is left as it was. A process killed mid-write can leave only its
 hidden temp file `.<name>.<random>.tmp` behind.
+
+Files get mode 0666 and folders 0777 less the process umask (0644 / 0755 with the usual 022), as
+`open` and `mkdir` would give; `tempfile` alone would leave them private (0600 / 0700).
 """
 
 from __future__ import annotations
@@ -15,6 +18,28 @@ from pathlib import Path
 from typing import Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file under the process umask."""
+    return 0o666 & ~_UMASK
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new hidden folder in `parent` (`tempfile.mkdtemp`), with the umask's usual mode."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o777 & ~_UMASK)
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes `data` to `path` atomically, creating its folder; returns the path."""
     path = Path(path)
@@ -22,6 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

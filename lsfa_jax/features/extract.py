@@ -23,11 +23,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lsfa_jax.errors import UserError
+
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Backbone weights are missing and random initialisation was not allowed."""
 
 

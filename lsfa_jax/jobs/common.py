@@ -11,9 +11,10 @@ import ml_collections
 from absl import logging
 
 from lsfa_jax.data import prepare
+from lsfa_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The config asks for something that cannot be done; the message says what to change."""
 
 

@@ -22,8 +22,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from lsfa_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not match the model; names the file."""
 
 

@@ -1,0 +1,84 @@
+"""What the user sees on the terminal: one line per stage, warnings, progress bars, nothing else.
+
+Every log record still reaches `<workdir>/run.log` (`add_log_file`); the console shows
+  - `stage` lines: what a step does and where its output goes, printed as plain text;
+  - warnings and errors, as "WARNING: message", except libraries' deprecation notices;
+  - progress bars (tqdm, on stderr; `stage` writes around them so they do not garble).
+`configure(verbose=True)` (main.py's `--verbose`) shows every library record as well.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from pathlib import Path
+
+import tqdm
+from absl import logging
+
+_PROJECT_PREFIXES = ("lsfa_jax", "main")
+_STAGE = "lsfa_stage"  # a record attribute: the line was printed already, log it to files only
+_verbose = False
+
+
+def _is_project(record: std_logging.LogRecord) -> bool:
+    return record.name == "absl" and any(
+        f"{os.sep}{prefix}" in record.pathname or record.module == prefix
+        for prefix in _PROJECT_PREFIXES
+    )
+
+
+class _ConsoleFilter(std_logging.Filter):
+    """Keeps the console to the project's warnings and anything at ERROR or above."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if getattr(record, _STAGE, False):
+            return False
+        if _verbose or record.levelno >= std_logging.ERROR:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        if _is_project(record):
+            return True
+        return "deprecat" not in record.getMessage().lower()
+
+
+def configure(verbose: bool = False) -> None:
+    """Console filtering and a plain "LEVEL: message" format for the absl (root) handler."""
+    global _verbose
+    _verbose = verbose
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+        handler.addFilter(_ConsoleFilter())
+    handler.setFormatter(std_logging.Formatter("%(levelname)s: %(message)s"))
+    # The absl logger passes INFO on to the file handlers; the console filter decides the rest.
+    logging.set_verbosity(logging.INFO)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def add_log_file(path: str | os.PathLike) -> Path:
+    """Appends every record (stage lines included) to `path`, e.g. `<workdir>/run.log`."""
+    path = Path(path)
+    resolved = str(path.resolve())
+    logger = logging.get_absl_logger()
+    for existing in logger.handlers:
+        if getattr(existing, "baseFilename", None) == resolved:
+            return path
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return path
+
+
+def stage(message: str, *args: object) -> None:
+    """One line for the user (stdout, around any progress bar) and for run.log."""
+    text = message % args if args else message
+    tqdm.tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+    logging.info(text, extra={_STAGE: True})
+
