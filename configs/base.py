@@ -23,7 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.mode = "train_eval"  # train_eval | eval | predict | prepare | convert | keys
     config.checkpoint = ""  # adaptor checkpoint for mode=eval / predict
     config.input = ""  # folder or sample for mode=predict
-    config.skip_bad_samples = False  # True: leave unreadable samples out (listed) instead of failing
+    config.skip_bad_samples = False  # True: leave unreadable samples out (listed), not fail
     config.debug = False  # True: user errors show their traceback too (or LSFA_DEBUG=1)
 
     config.data_dir = ml_collections.FieldReference("", field_type=str)  # raw dataset (read only)

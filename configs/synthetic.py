@@ -14,7 +14,7 @@ from configs.base import get_base_config
 def get_config() -> ml_collections.ConfigDict:
     config = get_base_config()
     config.data.name = "synthetic"
-    config.data_dir = "data/synthetic"
+    config.data_dir = ""  # empty: generated once into <cache_dir>/synthetic_raw (under the workdir)
     config.data.synthetic = ml_collections.ConfigDict(
         dict(
             classes=("sphere_cap", "box", "torus"),

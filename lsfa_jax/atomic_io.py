@@ -12,6 +12,7 @@ Files get mode 0666 and folders 0777 less the process umask (0644 / 0755 with th
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -63,11 +64,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (numpy's included) replaced by None, so the JSON
+    holds `null` where a value is undefined: strict parsers reject NaN and Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return strict_json(obj.tolist())
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> Path:
-    """`json.dumps(obj, **json_kwargs)` plus a newline through `atomic_write_bytes`.
+    """`json.dumps(strict_json(obj), allow_nan=False, **json_kwargs)` plus a newline through
+    `atomic_write_bytes`: undefined (NaN / infinite) values become `null`.
 
     `indent` defaults to 2. The whole document is serialised before the temp file is opened, so
     an object that cannot be serialised leaves no file behind at all.
     """
     json_kwargs.setdefault("indent", 2)
-    return atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
+    text = json.dumps(strict_json(obj), allow_nan=False, **json_kwargs)
+    return atomic_write_text(path, text + "\n")

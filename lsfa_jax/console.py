@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -82,3 +83,8 @@ def stage(message: str, *args: object) -> None:
     sys.stdout.flush()
     logging.info(text, extra={_STAGE: True})
 
+
+def ignore_interrupt() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group, and only the parent should
+    report it (once) and stop the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,6 +33,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from lsfa_jax import console
 from lsfa_jax.atomic_io import file_mode, make_temp_dir
 
 SHAPES = ("sphere_cap", "box", "torus")
@@ -344,7 +345,9 @@ def _run(tasks: Iterable, num_workers: int) -> None:
         for task in tasks:
             _write_sample(task)
         return
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        num_workers, initializer=console.ignore_interrupt
+    ) as pool:
         for _ in pool.imap_unordered(_write_sample, tasks, chunksize=8):
             pass
 

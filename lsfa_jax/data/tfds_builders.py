@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
+from lsfa_jax import console
 from lsfa_jax.data import mvtec3d, preprocess, synthetic
 
 
@@ -56,9 +57,14 @@ def resolve_workers(num_workers: int) -> int:
 
 
 def make_pool(num_workers: int) -> multiprocessing.pool.Pool | None:
-    """A spawn pool (TensorFlow is never forked) of `num_workers` (0: all cores); None for 1."""
+    """A spawn pool (TensorFlow is never forked) of `num_workers` (0: all cores); None for 1.
+
+    Workers ignore SIGINT; an error in a worker is raised once, in the parent, by `imap`.
+    """
     workers = resolve_workers(num_workers)
-    return multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    if workers <= 1:
+        return None
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=console.ignore_interrupt)
 
 
 def _prepared_samples(

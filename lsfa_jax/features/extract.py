@@ -24,7 +24,6 @@ import numpy as np
 from absl import logging
 
 from lsfa_jax.errors import UserError
-
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import tempfile
 from pathlib import Path
 
 import ml_collections
-from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.data import prepare
 from lsfa_jax.errors import UserError
 
@@ -35,12 +34,18 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
             pass
     except OSError as error:
         raise ConfigError(f"workdir {path}: not writable ({error.strerror or error})") from error
-    handler = std_logging.FileHandler(path / "run.log")
-    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.get_absl_logger().addHandler(handler)
+    console.add_log_file(path / "run.log")
     return path
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Where prepared data and cached features live (shared between runs when set explicitly)."""
     return Path(config.cache_dir) if config.cache_dir else workdir / "cache"
+
+
+def raw_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """`config.data.data_dir`; for the synthetic dataset left empty, a folder of the cache (the
+    generated data belongs to the run, never to the current directory)."""
+    if config.data.data_dir or config.data.name != "synthetic":
+        return config.data.data_dir
+    return str(cache_dir(config, workdir) / "synthetic_raw")
