@@ -45,7 +45,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
         from lsfa_jax.jobs import usage
 
-        sys.modules["__main__"].__doc__ = usage.overview(os.path.dirname(os.path.abspath(__file__)))
+        print(usage.overview(os.path.dirname(os.path.abspath(__file__))))
+        print(f"\nFlags (--helpfull lists absl's own too):\n{FLAGS.main_module_help()}")
+        sys.exit(0)
     try:
         args = FLAGS(argv)
         FLAGS.config.keys()  # the config file loads lazily; its errors surface here

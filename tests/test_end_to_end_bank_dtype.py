@@ -69,7 +69,7 @@ def test_bfloat16_banks_keep_the_metrics(runs: dict) -> None:
 
 def _heat_panel(path: Path, size: int) -> np.ndarray:
     image = np.asarray(Image.open(path))
-    return image[overlays.TITLE_HEIGHT :, 2 * size :]
+    return image[overlays.TITLE_HEIGHT :, size : 2 * size]
 
 
 def test_predict_colours_mean_the_same_score_in_separate_calls(

@@ -28,6 +28,7 @@ METRIC_TITLES = {
 }
 DATASET_CLASSES = paper_results.DATASET_CLASSES
 THRESHOLD_FIELDS = ("threshold", "precision", "recall")
+THRESHOLD_OPTIONAL = ("rule", "pixel_threshold", "pixel_rule")
 
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 Notes = Mapping[str, Mapping[str, Sequence[str]]]
@@ -371,11 +372,10 @@ def write_threshold_table(
                     pixel_rule,
                 )
             )
+            optional = {k: fields[k] for k in THRESHOLD_OPTIONAL if k in fields}
             doc["settings"][setting][c] = {
                 **dict(zip(THRESHOLD_FIELDS, vals, strict=True)),
-                "rule": rule or None,
-                "pixel_threshold": pixel,
-                "pixel_rule": pixel_rule or None,
+                **optional,
             }
         md.append("")
     return {
