@@ -232,9 +232,12 @@ def test_threshold_table_round_trip(tmp_path):
             "threshold": "1.25",
             "precision": "0.8",
             "recall": "0.5",
+            "rule": "",
+            "pixel_threshold": "n/a",
+            "pixel_rule": "",
         }
     ]
-    assert "| tire | 1.25 | 0.800 | 0.500 |" in paths["md"].read_text()
+    assert "| tire | 1.25 | 0.800 | 0.500 | n/a | n/a | n/a |" in paths["md"].read_text()
     with pytest.raises(ValueError, match="lacks"):
         tables.write_threshold_table({"RGB": {"tire": {"threshold": 1.0}}}, tmp_path)
 
