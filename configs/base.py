@@ -6,7 +6,7 @@ Keys a user usually sets on the command line:
   --config.rgb_weights=...     DINO ViT-B/8 checkpoint (.pth / .safetensors / .npz / orbax dir)
   --config.point_weights=...   Point-MAE pretrain.pth (or converted)
   --config.method=lsfa|raw|fpfh
-  --config.mode=train_eval|eval|predict|prepare|convert
+  --config.mode=train_eval|eval|test|predict|prepare|convert
 """
 
 import ml_collections
@@ -20,8 +20,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # lsfa: adapted DINO + Point-MAE features; raw: the same backbones without adaptation (the
     # paper's "PatchCore*" rows); fpfh: PatchCore on hand-made FPFH point features only.
     config.method = "lsfa"
-    config.mode = "train_eval"  # train_eval | eval | predict | prepare | convert | keys
-    config.checkpoint = ""  # adaptor checkpoint for mode=eval / predict
+    config.mode = "train_eval"  # train_eval | eval | test | predict | prepare | convert | keys
+    # mode=eval: the adaptor checkpoint folder (<workdir>/adaptation/checkpoints);
+    # mode=test / predict: a model folder (<workdir>/model, movable).
+    config.checkpoint = ""
     config.input = ""  # folder or sample for mode=predict
     config.skip_bad_samples = False  # True: leave unreadable samples out (listed), not fail
     config.debug = False  # True: user errors show their traceback too (or LSFA_DEBUG=1)
@@ -37,6 +39,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.preprocess = True  # remove the support plane and outlier points (RANSAC, DBSCAN)
     config.data.num_workers = 0  # 0: all CPU cores
     config.data.seed = config.get_ref("seed")
+    # Own data (data.name=folder): clouds in other units are scaled to metres by xyz_scale; a
+    # class without validation/good holds out this seeded fraction of train/good instead.
+    config.data.xyz_scale = 1.0
+    config.data.validation_fraction = 0.2
     config.data.plane = ml_collections.ConfigDict(
         dict(
             border=10,

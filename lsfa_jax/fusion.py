@@ -275,6 +275,16 @@ def fit_fusion(
     return Fusion(method=method, image=levels[0], pixel=levels[1])
 
 
+def fuse_modalities(
+    fused: Fusion, per_modality: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """{modality: (scores (N,), maps (N, S, S))} -> fused scores (N,) and maps (N, S, S)."""
+    return (
+        fused.fuse_scores({m: v[0] for m, v in per_modality.items()}),
+        fused.fuse_maps({m: v[1] for m, v in per_modality.items()}),
+    )
+
+
 def _level_to_dict(level: Level) -> dict:
     if isinstance(level, LinearFuser):
         return {"coef": list(level.coef), "rgb_factor": level.rgb_factor}

@@ -337,19 +337,23 @@ class ClassMetrics:
 def evaluate_class(
     labels: ArrayLike,
     scores: ArrayLike,
-    masks: ArrayLike,
+    masks: ArrayLike | None,
     maps: ArrayLike,
     aupro_method: str = "exact",
 ) -> ClassMetrics:
     """All metrics of one class. labels: (N,) 0/1; scores: (N,); masks, maps: (N, H, W).
 
     Sorts the pixels once for P-AUROC and exact AUPRO. A good image (label 0) must have an
-    empty mask; a defective image with an empty mask is accepted and noted.
+    empty mask; a defective image with an empty mask is accepted and noted. `masks=None` (a
+    dataset without ground-truth masks) gives the image metrics only; the pixel metrics are nan
+    with a note saying why.
     """
     where = "metrics.evaluate_class"
     if aupro_method not in AUPRO_METHODS:
         raise ValueError(f"{where}: aupro_method {aupro_method!r} not in {AUPRO_METHODS}")
     labels, scores = _validate_pair(where, "labels", labels, "scores", scores, 1)
+    if masks is None:
+        return _image_metrics_only(labels, scores, aupro_method)
     masks, maps = _validate_pair(where, "masks", masks, "maps", maps, 3)
     if masks.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -371,10 +375,7 @@ def evaluate_class(
             f"defective images {empty_defects.tolist()} have empty masks: they add no region "
             "and no positive pixel"
         )
-    if n_defect == 0:
-        notes.append("I-AUROC undefined: the test split has no defective sample")
-    if n_good == 0:
-        notes.append("I-AUROC undefined: the test split has no good sample")
+    notes += _image_notes(n_good, n_defect)
     i_auroc = _auroc_from_sorted(labels, _sort_scores(scores))
 
     sorted_maps = _sort_scores(maps)
@@ -400,3 +401,60 @@ def evaluate_class(
         notes=notes,
         aupro_method=aupro_method,
     )
+
+
+def _image_notes(n_good: int, n_defect: int) -> list[str]:
+    notes = []
+    if n_defect == 0:
+        notes.append("I-AUROC undefined: the test split has no defective sample")
+    if n_good == 0:
+        notes.append("I-AUROC undefined: the test split has no good sample")
+    return notes
+
+
+def _image_metrics_only(labels: np.ndarray, scores: np.ndarray, aupro_method: str) -> ClassMetrics:
+    n_defect = int(labels.sum())
+    n_good = int(labels.size - n_defect)
+    notes = _image_notes(n_good, n_defect)
+    notes.append("P-AUROC and AUPRO not computed: the dataset has no ground-truth masks")
+    nan = float("nan")
+    return ClassMetrics(
+        i_auroc=_auroc_from_sorted(labels, _sort_scores(scores)),
+        p_auroc=nan,
+        aupro_30=nan,
+        aupro_01=nan,
+        n_good=n_good,
+        n_defect=n_defect,
+        notes=notes,
+        aupro_method=aupro_method,
+    )
+
+
+def per_defect_metrics(
+    defect_types: ArrayLike,
+    labels: ArrayLike,
+    scores: ArrayLike,
+    masks: ArrayLike | None,
+    maps: ArrayLike,
+) -> dict[str, dict[str, float]]:
+    """I-AUROC and AUPRO@0.3 of the good test samples against each defect type alone.
+
+    defect_types, labels, scores: (N,); masks (or None: no AUPRO), maps: (N, H, W).
+    Returns {defect type: {"i_auroc", "aupro_30", "n"}}; a type is left out when there is no
+    good sample to compare with.
+    """
+    defect_types = np.asarray(defect_types)
+    labels = np.asarray(labels)
+    scores = np.asarray(scores)
+    maps = np.asarray(maps)
+    out = {}
+    for defect in sorted(set(defect_types[labels == 1].tolist())):
+        keep = (labels == 0) | (defect_types == defect)
+        if not np.any(labels[keep] == 0):
+            continue
+        out[defect] = {
+            "i_auroc": image_auroc(labels[keep], scores[keep]),
+            "aupro_30": float("nan") if masks is None else aupro(masks[keep], maps[keep], 0.3),
+            "n": int(np.sum(defect_types == defect)),
+        }
+    return out

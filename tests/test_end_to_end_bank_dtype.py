@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from test_recompilation import _tiny_evaluation_config
 
-from lsfa_jax.jobs import evaluate, model_store, predict
+from lsfa_jax import model_folder as model_store
+from lsfa_jax.evaluators import class_eval
+from lsfa_jax.jobs import evaluate, predict
 from lsfa_jax.reports import overlays
 
 pytestmark = pytest.mark.slow
@@ -95,13 +97,13 @@ def test_predict_colours_mean_the_same_score_in_separate_calls(
     region[:, : size // 2, : size // 2] = True
     # Per-modality maps X give the fused map (an affine function of X, the same in every call).
     maps = {"a": np.where(region, 0.5 * ramp, ramp), "b": np.where(region, 5.0 * ramp, ramp)}
-    original = predict.score_split
+    original = class_eval.score_features
 
-    def controlled_maps(bank, features, config, desc):
-        scores, _ = original(bank, features, config, desc)
+    def controlled_maps(bank, features, settings, desc):
+        scores, _ = original(bank, features, settings, desc)
         return scores, maps[current]
 
-    monkeypatch.setattr(predict, "score_split", controlled_maps)
+    monkeypatch.setattr(class_eval, "score_features", controlled_maps)
     config.mode = "predict"
     config.checkpoint = str(workdir / "model")
     config.data.classes = "sphere_cap"

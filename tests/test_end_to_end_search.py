@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_recompilation import _tiny_evaluation_config
 
-from lsfa_jax.jobs import evaluate, model_store
+from lsfa_jax import model_folder as model_store
+from lsfa_jax.jobs import evaluate
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.patchcore.coreset import coreset_size
 

@@ -95,7 +95,7 @@ def _class_library(n_images: int, patches: int, dim: int, seed: int) -> np.ndarr
 
 def test_scorer_compiles_once_for_two_classes() -> None:
     """Two classes with different library sizes, banks padded to one size as
-    `jobs/evaluate.py::bank_padded_size` does: scoring the second class compiles nothing."""
+    `evaluators/banks.py::bank_padded_size` does: scoring the second class compiles nothing."""
     patches, dim, batch, ratio = 16, 8, 2, 0.25
     libraries = [_class_library(6, patches, dim, 0), _class_library(9, patches, dim, 1)]
     largest = max(len(lib) for lib in libraries)
@@ -194,26 +194,27 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     """`run_evaluation` in-process on two synthetic classes: every jitted call made while
     scoring the second class (validation and test splits, both modalities) reuses the first
     class's executables."""
+    from lsfa_jax.evaluators import class_eval
     from lsfa_jax.jobs import evaluate
 
     jax.clear_caches()  # earlier tests in this process may have compiled the same shapes
     config = _tiny_evaluation_config(tmp_path / "raw")
     per_class: list[dict] = []
-    original_score_split = evaluate.score_split
+    original_score = class_eval.score_features
     original_one_class = evaluate.evaluate_one_class
 
-    def counting_one_class(config, class_index, class_name, *args, **kwargs):
+    def counting_one_class(config, class_name, *args, **kwargs):
         per_class.append({"class": class_name, "score_split": Counter()})
-        return original_one_class(config, class_index, class_name, *args, **kwargs)
+        return original_one_class(config, class_name, *args, **kwargs)
 
-    def counting_score_split(bank, features, config, desc):
+    def counting_score_split(bank, features, settings, desc):
         start = len(log.names)
-        out = original_score_split(bank, features, config, desc)
+        out = original_score(bank, features, settings, desc)
         per_class[-1]["score_split"].update(log.since(start))
         return out
 
     monkeypatch.setattr(evaluate, "evaluate_one_class", counting_one_class)
-    monkeypatch.setattr(evaluate, "score_split", counting_score_split)
+    monkeypatch.setattr(class_eval, "score_features", counting_score_split)
     with compile_log() as log:
         results = evaluate.run_evaluation(config, tmp_path / "work")
     assert [c["class"] for c in per_class] == ["sphere_cap", "torus"]
@@ -226,32 +227,31 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
 def test_adaptors_apply_compiles_once_for_splits_of_different_sizes() -> None:
     """Adapted features of two splits whose sizes leave different remainders modulo the batch
     size (4 and 3 samples, batch 2): the second split must reuse the first one's executable."""
-    from lsfa_jax.features.cache import SplitFeatures
-    from lsfa_jax.jobs.evaluate import Adaptors
-    from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
+    from lsfa_jax.models.adaptors import (
+        AdaptorSettings,
+        LSFAModel,
+        adapt_features,
+        init_lsfa_params,
+    )
 
     patches, rgb_dim, xyz_dim = 4, 8, 12
     model = LSFAModel(rgb_dim=rgb_dim, xyz_dim=xyz_dim, proj_dim=4, rgb_heads=2, xyz_heads=2)
-    cfg = ml_collections.ConfigDict(
-        dict(structure="encoder1", rgb_heads=2, xyz_heads=2, prepend_cls=False)
-    )
-    adaptors = Adaptors(init_lsfa_params(model, jax.random.key(0), patches), cfg)
+    settings = AdaptorSettings(structure="encoder1", rgb_heads=2, xyz_heads=2, prepend_cls=False)
+    params = init_lsfa_params(model, jax.random.key(0), patches)
     rng = np.random.default_rng(0)
 
-    def split(n: int) -> SplitFeatures:
-        arrays = {
+    def split(n: int) -> dict[str, np.ndarray]:
+        return {
             "rgb": rng.normal(size=(n, patches, rgb_dim)).astype(np.float32),
             "xyz": rng.normal(size=(n, patches, xyz_dim)).astype(np.float32),
             "rgb_cls": rng.normal(size=(n, rgb_dim)).astype(np.float32),
         }
-        names = [f"s{i}" for i in range(n)]
-        return SplitFeatures(arrays, names, np.zeros(n, np.int32), ["good"] * n, Path("."))
 
     first, second = split(4), split(3)
     with compile_log() as log:
-        out = adaptors.apply(first, batch_size=2)
+        out = adapt_features(params, settings, first, batch_size=2)
         after_first = log.count("apply_adaptors")
-        out_second = adaptors.apply(second, batch_size=2)
+        out_second = adapt_features(params, settings, second, batch_size=2)
     assert out["xyz"].shape == (4, patches, xyz_dim)
     assert out_second["rgb"].shape == (3, patches, rgb_dim)
     assert after_first == 1

@@ -424,11 +424,11 @@ def test_eval_with_a_checkpoint_trained_with_other_adaptor_settings(tmp_path: Pa
     config.update(mode="eval", method="lsfa", checkpoint=str(checkpoints))
     config.adaptation.rgb_heads = 4
     try:
-        adaptors, _ = evaluate.load_or_train_adaptors(config, None, ("bagel",), tmp_path, None)
+        _, settings = evaluate.load_or_train_adaptors(config, None, ("bagel",), tmp_path, None)
     except ConfigError as error:
         assert "rgb_heads" in str(error) and str(checkpoints) in str(error)
     else:
-        assert adaptors.cfg.rgb_heads == 2
+        assert settings.rgb_heads == 2
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -34,6 +34,15 @@ def _builder_of(prepared: Mapping[str, str], class_name: str) -> tfds.core.Datas
     return _builder(prepared[class_name])
 
 
+def normalise_rgb(rgb_uint8: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 ImageNet-normalised, in the float32 operations of the tf.data
+    map below, so a sample prepared outside the pipeline gets bit-identical inputs."""
+    rgb = rgb_uint8.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(IMAGENET_MEAN, np.float32)
+    std = np.asarray(IMAGENET_STD, np.float32)
+    return (rgb - mean) / std
+
+
 def _to_model_inputs(example: dict) -> dict:
     rgb = tf.cast(example["rgb"], tf.float32) / 255.0
     return {
@@ -90,3 +99,8 @@ def split_summary(prepared: Mapping[str, str]) -> dict[str, dict[str, dict[str, 
         class_name: dict(_builder_of(prepared, class_name).info.metadata["counts"])
         for class_name in prepared
     }
+
+
+def has_masks(prepared: Mapping[str, str], class_name: str) -> bool:
+    """Whether the class's test split has ground-truth masks (own data may have none)."""
+    return bool(_builder_of(prepared, class_name).info.metadata.get("has_masks", True))

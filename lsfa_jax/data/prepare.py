@@ -18,10 +18,11 @@ import ml_collections
 from absl import logging
 
 from lsfa_jax.atomic_io import atomic_write_json
-from lsfa_jax.data import eyecandies, mvtec3d, synthetic
+from lsfa_jax.data import eyecandies, folder, mvtec3d, synthetic
 
 # Bump when a change in this package changes the prepared arrays.
 CODE_VERSION = 1
+DATASETS = ("mvtec3d", "synthetic", "eyecandies", "folder")
 
 
 def plane_params(data_cfg: ml_collections.ConfigDict):
@@ -45,8 +46,10 @@ def resolve_classes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
         known = synthetic_config(data_cfg).classes
     elif data_cfg.name == "eyecandies":
         known = eyecandies.EYECANDIES_CLASSES
+    elif data_cfg.name == "folder":
+        known = folder.folder_classes(data_cfg.data_dir)
     else:
-        raise ValueError(f"unknown dataset name {data_cfg.name!r}; expected mvtec3d or synthetic")
+        raise ValueError(f"unknown dataset name {data_cfg.name!r}; expected one of {DATASETS}")
     classes = data_cfg.classes
     if isinstance(classes, str):
         classes = known if classes in ("all", "") else tuple(classes.split(","))
@@ -57,7 +60,11 @@ def resolve_classes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return classes
 
 
-def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
+def cache_key(
+    data_cfg: ml_collections.ConfigDict,
+    class_name: str,
+    splits: tuple[str, ...] = mvtec3d.SPLITS,
+) -> dict:
     """Everything the prepared arrays of one class depend on (JSON-serialisable)."""
     plane = plane_params(data_cfg)
     key = dict(
@@ -75,6 +82,11 @@ def cache_key(data_cfg: ml_collections.ConfigDict, class_name: str) -> dict:
     if data_cfg.name == "eyecandies":
         # Only Eyecandies keys carry it, so MVTec 3D-AD cache entries keep their digests.
         key["eyecandies_conversion"] = eyecandies.CONVERSION
+    if data_cfg.name == "folder":
+        key["validation_fraction"] = float(data_cfg.validation_fraction)
+        key["xyz_scale"] = float(data_cfg.xyz_scale)
+    if tuple(splits) != mvtec3d.SPLITS:
+        key["splits"] = list(splits)
     return key
 
 
@@ -107,8 +119,12 @@ def converted_eyecandies(src: Path, dst: Path, classes: tuple[str, ...]) -> Path
     return dst
 
 
-def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) -> dict[str, str]:
-    """Prepares every class of `config.data` (or finds it in the cache).
+def prepare_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    cache_dir: str | Path,
+    splits: tuple[str, ...] = mvtec3d.SPLITS,
+) -> dict[str, str]:
+    """Prepares `splits` of every class of `config.data` (or finds them in the cache).
 
     For `name="synthetic"` the raw dataset is first generated under `data_dir` when missing.
 
@@ -131,7 +147,7 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
             logging.info("generating the synthetic dataset in %s", raw_root)
             synthetic.generate_dataset(raw_root, syn, num_workers=workers)
     elif not raw_root.is_dir():
-        label = "MVTec 3D-AD" if data_cfg.name == "mvtec3d" else "Eyecandies"
+        label = {"mvtec3d": "MVTec 3D-AD", "eyecandies": "Eyecandies"}.get(data_cfg.name, "dataset")
         raise mvtec3d.DataError(f"{raw_root}: {label} folder not found (config.data.data_dir)")
     if data_cfg.name == "eyecandies":
         converted = Path(cache_dir) / f"eyecandies_mvtec-{eyecandies.CONVERSION}"
@@ -142,11 +158,12 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
     builder_cls = tfds_builders.BUILDERS[
         "mvtec3d" if data_cfg.name == "eyecandies" else data_cfg.name
     ]
+    layout = "folder" if data_cfg.name == "folder" else "mvtec3d"
     prepared = {}
     with contextlib.ExitStack() as stack:
         pool = None
         for class_name in classes:
-            key = cache_key(data_cfg, class_name)
+            key = cache_key(data_cfg, class_name, splits)
             entry = cache_entry(cache_dir, key)
             entry.mkdir(parents=True, exist_ok=True)
             atomic_write_json(entry / "key.json", key, sort_keys=True)
@@ -158,6 +175,10 @@ def prepare_dataset(data_cfg: ml_collections.ConfigDict, cache_dir: str | Path) 
                 plane=plane_params(data_cfg),
                 seed=key["seed"],
                 skip_bad_samples=key["skip_bad_samples"],
+                layout=layout,
+                validation_fraction=float(key.get("validation_fraction", 0.2)),
+                xyz_scale=float(key.get("xyz_scale", 1.0)),
+                splits=tuple(splits),
             )
             builder = builder_cls(config=config, data_dir=entry)
             if (Path(builder.data_dir) / "dataset_info.json").is_file():

@@ -168,13 +168,18 @@ def prepare_sample(
     image_size: int,
     params: PlaneRemovalParams | None,
     seed: int,
+    *,
+    xyz_scale: float = 1.0,
 ) -> PreparedSample:
-    """Reads one sample, removes the plane at full resolution (unless `params` is None), resizes.
+    """Reads one sample, scales the cloud to metres (`xyz_scale`: own data in other units),
+    removes the plane at full resolution (unless `params` is None), resizes.
 
     A top-level function of plain arguments, so a process pool can run it.
     """
     raw = mvtec3d.read_sample(files)
     xyz, rgb, info = raw.xyz, raw.rgb, None
+    if xyz_scale != 1.0:
+        xyz = xyz * np.float32(xyz_scale)
     if params is not None:
         xyz, rgb, info = remove_support_plane(xyz, rgb, params, sample_seed(seed, files.file_id))
     return PreparedSample(

@@ -26,12 +26,17 @@ from etils import epath
 from tqdm import tqdm
 
 from lsfa_jax import console
-from lsfa_jax.data import mvtec3d, preprocess, synthetic
+from lsfa_jax.data import folder, mvtec3d, preprocess, synthetic
+
+LAYOUTS = ("mvtec3d", "folder")
 
 
 @dataclasses.dataclass(eq=False)
 class PreparedConfig(tfds.core.BuilderConfig):
-    """`plane=None` turns support-plane removal off."""
+    """`plane=None` turns support-plane removal off. `layout` "folder" reads own data
+    (`data.folder`): free names, optional masks, a held-out validation split when there is none
+    (`validation_fraction`). `xyz_scale` converts the clouds to metres. `splits` limits which
+    splits are prepared (a saved model is tested on the test split alone)."""
 
     class_name: str = ""
     image_size: int = 224
@@ -40,16 +45,40 @@ class PreparedConfig(tfds.core.BuilderConfig):
     )
     seed: int = 0
     skip_bad_samples: bool = False
+    layout: str = "mvtec3d"
+    validation_fraction: float = 0.2
+    xyz_scale: float = 1.0
+    splits: tuple[str, ...] = mvtec3d.SPLITS
 
 
 def _prepare_or_error(
-    files: mvtec3d.SampleFiles, image_size: int, params, seed: int
+    files: mvtec3d.SampleFiles, image_size: int, params, seed: int, xyz_scale: float = 1.0
 ) -> preprocess.PreparedSample | tuple[mvtec3d.SampleFiles, str]:
     """`prepare_sample`, with a bad file returned as (files, message) instead of raised."""
     try:
-        return preprocess.prepare_sample(files, image_size, params, seed)
+        return preprocess.prepare_sample(files, image_size, params, seed, xyz_scale=xyz_scale)
     except mvtec3d.DataError as error:
         return files, str(error)
+
+
+def list_split(config: PreparedConfig, root: Path, split: str) -> list[mvtec3d.SampleFiles]:
+    """The samples of one split of `config.class_name` under `root`, in `config.layout`."""
+    if config.layout == "folder":
+        return folder.list_folder_samples(
+            root,
+            config.class_name,
+            split,
+            validation_fraction=config.validation_fraction,
+            seed=config.seed,
+        )
+    return mvtec3d.list_samples(root, config.class_name, split)
+
+
+def split_exists(config: PreparedConfig, root: Path, split: str) -> bool:
+    """Train and test must exist; a folder dataset always has a validation split (held out)."""
+    if split != "validation" or config.layout == "folder":
+        return True
+    return (root / config.class_name / split).is_dir()
 
 
 def resolve_workers(num_workers: int) -> int:
@@ -80,6 +109,7 @@ def _prepared_samples(
         image_size=config.image_size,
         params=config.plane,
         seed=config.seed,
+        xyz_scale=config.xyz_scale,
     )
     prepared = pool.imap(work, samples) if pool is not None else map(work, samples)
     yield from tqdm(prepared, total=len(samples), desc=desc, unit="sample")
@@ -131,17 +161,21 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config = self.builder_config
         root = Path(dl_manager.manual_dir)
         generators, counts = {}, {}
-        for split in mvtec3d.SPLITS:
-            if split != "train" and not (root / config.class_name / split).is_dir():
+        has_masks = True
+        for split in config.splits:
+            if not split_exists(config, root, split):
                 logging.warning("%s: no %s split, skipped", root / config.class_name, split)
                 continue
-            samples = mvtec3d.list_samples(root, config.class_name, split)
+            samples = list_split(config, root, split)
+            if split == "test" and config.layout == "folder":
+                has_masks = folder.has_masks(samples)
             counts[split] = {
                 kind: sum(s.defect_type == kind for s in samples)
                 for kind in sorted({s.defect_type for s in samples})
             }
             generators[split] = self._generate_examples(samples, split)
         self.info.metadata["counts"] = counts
+        self.info.metadata["has_masks"] = has_masks
         self.info.metadata["plane"] = (
             dataclasses.asdict(config.plane) if config.plane is not None else None
         )
@@ -220,4 +254,14 @@ class Synthetic3d(_PreparedBuilder):
     ]
 
 
-BUILDERS: dict[str, type[_PreparedBuilder]] = {"mvtec3d": Mvtec3d, "synthetic": Synthetic3d}
+class Folder3d(_PreparedBuilder):
+    """Own data in the MVTec 3D-AD layout with free class and defect names (`data.folder`)."""
+
+    BUILDER_CONFIGS = []  # noqa: RUF012 (TFDS reads a class list; configs come per class)
+
+
+BUILDERS: dict[str, type[_PreparedBuilder]] = {
+    "mvtec3d": Mvtec3d,
+    "synthetic": Synthetic3d,
+    "folder": Folder3d,
+}

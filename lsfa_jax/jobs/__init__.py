@@ -10,7 +10,7 @@ from lsfa_jax import console
 from lsfa_jax.jobs.checks import check_inputs
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir
 
-MODES = ("prepare", "train_eval", "eval", "predict", "convert")
+MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert")
 METHODS = ("lsfa", "raw", "fpfh")
 
 
@@ -37,6 +37,10 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
         from lsfa_jax.jobs.evaluate import run_evaluation
 
         run_evaluation(config, path)
+    elif config.mode == "test":
+        from lsfa_jax.jobs.test import run_test
+
+        run_test(config, path)
     elif config.mode == "predict":
         from lsfa_jax.jobs.predict import run_predict
 

@@ -7,7 +7,6 @@ shapes, `checkpoint_io.read_header`), and raise the same one-line errors the ful
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_collections
@@ -17,10 +16,12 @@ from lsfa_jax.data import mvtec3d
 from lsfa_jax.errors import InputNotFoundError
 from lsfa_jax.features.extract import WeightsError
 from lsfa_jax.jobs.common import ConfigError, raw_data_dir, selected_classes
+from lsfa_jax.model_folder import load_model_info
 from lsfa_jax.models import point_mae, vit
 
-NEEDS_DATA = ("prepare", "train_eval", "eval")
-NEEDS_BACKBONES = ("train_eval", "eval", "predict")
+NEEDS_DATA = ("prepare", "train_eval", "eval", "test")
+# test / predict take the backbone sizes from the model folder, which checks the weights' hash.
+NEEDS_BACKBONES = ("train_eval", "eval")
 
 
 def check_data(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -83,29 +84,6 @@ def check_backbones(config: ml_collections.ConfigDict) -> None:
         _check_one_weights(config, modality)
 
 
-def check_model_folder(model_dir: Path, classes: list[str] | None = None) -> dict:
-    """A train_eval / eval run's `model` folder: model.json and, per class, fusion.json and the
-    memory banks. Returns model.json's content."""
-    info_path = model_dir / "model.json"
-    hint = "--config.checkpoint must name the `model` folder of a finished train_eval or eval run"
-    if not model_dir.is_dir():
-        raise InputNotFoundError(f"{model_dir}: no such folder; {hint}")
-    if not info_path.is_file():
-        raise ConfigError(f"{model_dir}: not a model folder (no model.json); {hint}")
-    try:
-        info = json.loads(info_path.read_text())
-        modalities, stored = list(info["modalities"]), list(info["classes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{info_path}: not a model description ({error!r}); {hint}") from error
-    for class_name in classes if classes is not None else stored:
-        needed = [model_dir / class_name / "fusion.json"]
-        needed += [model_dir / class_name / f"{m}.npz" for m in modalities]
-        missing = [str(p) for p in needed if not p.is_file()]
-        if missing:
-            raise ConfigError(f"{model_dir}: incomplete model folder, missing {missing}")
-    return info
-
-
 def check_writable(folder: Path, what: str) -> None:
     """`folder` can be created and written (a probe file, removed again)."""
     try:
@@ -130,11 +108,12 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: Path) -> None:
             raise ConfigError("mode=eval with method=lsfa needs --config.checkpoint=<folder>")
         if not Path(config.checkpoint).exists():
             raise InputNotFoundError(f"config.checkpoint={config.checkpoint}: no such folder")
-    if config.mode == "predict":
+    if config.mode in ("test", "predict"):
         if not config.checkpoint:
-            raise ConfigError("mode=predict needs --config.checkpoint=<run workdir>/model")
+            raise ConfigError(f"mode={config.mode} needs --config.checkpoint=<model folder>")
+        load_model_info(Path(config.checkpoint))  # format and completeness
+    if config.mode == "predict":
         if not config.input:
             raise ConfigError("mode=predict needs --config.input=<sample or folder>")
         if not Path(config.input).exists():
             raise InputNotFoundError(f"config.input={config.input}: no such file or folder")
-        check_model_folder(Path(config.checkpoint))

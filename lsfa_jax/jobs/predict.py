@@ -1,16 +1,18 @@
-"""mode=predict: score new samples with the model a train_eval / eval run left behind.
+"""mode=predict: scores new samples with a saved model folder.
 
-`--config.checkpoint` names that run's `model` folder; `--config.input` is one of
-  - an xyz tiff (its rgb png is found by the MVTec rule: .../xyz/NNN.tiff -> .../rgb/NNN.png, or
-    a png with the same stem beside it),
-  - a folder in the MVTec 3D-AD layout (any folder with rgb/ and xyz/ below it, searched
-    recursively), or
+`--config.checkpoint` names the model folder (`<workdir>/model`, movable); `--config.input` is
+  - an xyz tiff (its rgb image is found by the MVTec rule .../xyz/NNN.tiff -> .../rgb/NNN.png,
+    or an image with the same stem beside it),
+  - a folder in the MVTec 3D-AD layout (every rgb/ + xyz/ pair below it, searched recursively;
+    `<defect>/gt/NNN.png` masks are used when present), or
   - a folder of plain pairs NAME.png + NAME.tiff.
 `--config.data.classes` names the class whose banks to use (needed when the model has several).
-Each sample is preprocessed and resized as in training, scored per modality, fused with the
-run's stored fusion, and compared with the run's threshold. Writes `predictions.json` /
-`predictions.csv` and one anomaly-map image per sample, drawn on the colour scale stored with the
-model (`overlays.fixed_scale`), so a colour means the same score in every image and call.
+Each sample is prepared as the model's training data were (its image size, plane removal and
+seeds; `data.xyz_scale` of this run converts the input's unit), scored per modality, fused with
+the stored fusion, and compared with the stored threshold. When the inputs sit in defect folders
+(`test/cut/xyz/000.tiff`), their labels are known and the metrics are reported as well.
+Writes `predictions.json` / `predictions.csv` and one anomaly-map image per sample on the
+model's fixed colour scale; image names keep the defect folder (`cut_000`).
 """
 
 from __future__ import annotations
@@ -21,154 +23,182 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
-from lsfa_jax.adaptation.checkpointing import load_adaptor_params
 from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
-from lsfa_jax.data import mvtec3d, prepare, preprocess
-from lsfa_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from lsfa_jax.features.cache import SplitFeatures
-from lsfa_jax.jobs.common import ConfigError
-from lsfa_jax.jobs.evaluate import (
-    FUSED,
-    SETTING_OF_MODALITY,
-    Adaptors,
-    fuse_split,
-    score_split,
-    trained_adaptation_config,
-)
-from lsfa_jax.jobs.features import feature_source
-from lsfa_jax.jobs.model_store import load_bank, load_class_model, load_model_info
-from lsfa_jax.reports import overlays
+from lsfa_jax.data import folder, mvtec3d, prepare, preprocess
+from lsfa_jax.data.pipeline import normalise_rgb
+from lsfa_jax.evaluators import class_eval, outputs
+from lsfa_jax.features.source import feature_source
+from lsfa_jax.jobs.common import ConfigError, model_adaptors, open_model
+from lsfa_jax.model_folder import load_bank, load_class_model
+from lsfa_jax.patchcore.scorer import ScoringSettings
+from lsfa_jax.reports import overlays, tables
+
+UNLABELLED = "unknown"
 
 
-def find_pairs(path: Path) -> list[tuple[Path, Path]]:
-    """(rgb png, xyz tiff) pairs named by `config.input` (module docstring)."""
+def _rgb_for(xyz: Path) -> Path:
+    candidates = []
+    if xyz.parent.name == "xyz":
+        candidates += [xyz.parent.parent / "rgb" / f"{xyz.stem}{s}" for s in folder.RGB_SUFFIXES]
+    candidates += [xyz.with_suffix(s) for s in folder.RGB_SUFFIXES]
+    for candidate in candidates:
+        for variant in (candidate, candidate.with_suffix(candidate.suffix.upper())):
+            if variant.is_file():
+                return variant
+    raise mvtec3d.DataError(
+        f"{xyz}: no rgb image found (looked for {[str(c) for c in candidates[:2]]})"
+    )
+
+
+def find_samples(path: Path) -> list[mvtec3d.SampleFiles]:
+    """The samples named by `config.input` (module docstring), sorted by path.
+
+    A sample in `<split>/<defect>/xyz/` gets the file id `<split>/<defect>/<stem>` a dataset
+    would give it (so its plane-removal seed is the dataset's) and the defect type of its
+    folder; other samples are unlabelled.
+    """
     if not path.exists():
-        raise FileNotFoundError(f"config.input={path}: no such file or folder")
-    tiffs = [path] if path.is_file() else sorted(p for p in path.rglob("*.tif*") if p.is_file())
-    pairs = []
-    for tiff in tiffs:
-        candidates = [tiff.with_suffix(".png")]
-        if tiff.parent.name == "xyz":
-            candidates.insert(0, tiff.parent.parent / "rgb" / f"{tiff.stem}.png")
-        rgb = next((c for c in candidates if c.exists()), None)
-        if rgb is None:
-            raise FileNotFoundError(f"{tiff}: no rgb image found (looked for {candidates})")
-        pairs.append((rgb, tiff))
-    if not pairs:
-        raise FileNotFoundError(f"config.input={path}: no xyz .tiff files found")
-    return pairs
+        raise mvtec3d.DataError(f"config.input={path}: no such file or folder")
+    if path.is_file():
+        tiffs = [path]
+    else:
+        tiffs = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in folder.XYZ_SUFFIXES
+        )
+    if not tiffs:
+        raise mvtec3d.DataError(f"config.input={path}: no xyz .tiff files found")
+    samples, seen = [], {}
+    for xyz in tiffs:
+        defect_type, file_id, gt = UNLABELLED, str(xyz.with_suffix("")), None
+        if xyz.parent.name == "xyz":
+            type_dir = xyz.parent.parent
+            defect_type = type_dir.name
+            split = type_dir.parent.name
+            file_id = f"{split}/{defect_type}/{xyz.stem}" if split in mvtec3d.SPLITS else file_id
+            mask = type_dir / "gt" / f"{xyz.stem}.png"
+            gt = mask if defect_type != mvtec3d.GOOD and mask.is_file() else None
+        if file_id in seen:
+            raise mvtec3d.DataError(f"{xyz}: same sample name as {seen[file_id]}; keep one")
+        seen[file_id] = xyz
+        samples.append(
+            mvtec3d.SampleFiles("input", "predict", defect_type, file_id, _rgb_for(xyz), xyz, gt)
+        )
+    return samples
+
+
+def sample_name(files: mvtec3d.SampleFiles) -> str:
+    """`test/cut/000` -> `cut_000`; an unlabelled file keeps its stem."""
+    if files.defect_type == UNLABELLED:
+        return Path(files.file_id).name
+    return f"{files.defect_type}_{Path(files.file_id).name}"
 
 
 def prepared_inputs(
-    config: ml_collections.ConfigDict, pairs: list[tuple[Path, Path]]
+    run: ml_collections.ConfigDict, samples: list[mvtec3d.SampleFiles]
 ) -> dict[str, np.ndarray]:
-    params = prepare.plane_params(config.data)
-    rgb, rgb_uint8, xyz, names = [], [], [], []
-    for rgb_path, xyz_path in tqdm(pairs, desc="preparing inputs", unit="sample"):
-        name = str(xyz_path)
-        files = mvtec3d.SampleFiles("input", "predict", "unknown", name, rgb_path, xyz_path, None)
-        sample = preprocess.prepare_sample(files, config.data.image_size, params, config.seed)
-        if sample.num_nonfinite:
-            logging.warning("%s: %d NaN/inf points treated as missing", name, sample.num_nonfinite)
-        image = sample.rgb.astype(np.float32) / 255.0
-        rgb.append((image - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD))
+    """The samples prepared exactly as the model's training data (same function, seeds)."""
+    params = prepare.plane_params(run.data)
+    rgb_uint8, xyz, masks = [], [], []
+    for files in tqdm(samples, desc="preparing inputs", unit="sample"):
+        sample = preprocess.prepare_sample(
+            files, run.data.image_size, params, run.data.seed, xyz_scale=run.data.xyz_scale
+        )
         rgb_uint8.append(sample.rgb)
         xyz.append(sample.xyz)
-        names.append(name)
+        masks.append(sample.mask)
+    rgb_uint8 = np.stack(rgb_uint8)
     return {
-        "rgb": np.stack(rgb).astype(np.float32),
-        "rgb_uint8": np.stack(rgb_uint8),
+        "rgb": normalise_rgb(rgb_uint8),
+        "rgb_uint8": rgb_uint8,
         "xyz": np.stack(xyz),
-        "file_id": np.asarray(names),
+        "mask": np.stack(masks),
+        "file_id": np.asarray([s.file_id for s in samples]),
     }
 
 
-def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
-    if not config.checkpoint:
-        raise ConfigError("mode=predict needs --config.checkpoint=<run workdir>/model")
-    if not config.input:
-        raise ConfigError("mode=predict needs --config.input=<sample or folder>")
-    model_dir = Path(config.checkpoint)
-    info = load_model_info(model_dir)
-    if info["method"] != config.method:
-        raise ConfigError(
-            f"{model_dir}: the model was built with method={info['method']}, the config says "
-            f"method={config.method}"
-        )
-    classes = info["classes"]
-    wanted = config.data.classes
+def choose_class(classes: tuple[str, ...], wanted: str, model_dir: Path) -> str:
     if wanted in ("", "all"):
         if len(classes) != 1:
             raise ConfigError(
-                f"{model_dir} holds classes {classes}: choose one with --config.data.classes=NAME"
+                f"{model_dir} holds classes {list(classes)}: choose one with "
+                "--config.data.classes=NAME"
             )
-        class_name = classes[0]
-    elif wanted in classes:
-        class_name = wanted
-    else:
-        raise ConfigError(f"config.data.classes={wanted!r}: the model holds {classes}")
+        return classes[0]
+    if wanted not in classes:
+        raise ConfigError(f"config.data.classes={wanted!r}: the model holds {list(classes)}")
+    return wanted
 
-    # Read first: a model folder from an older version fails before any work.
-    stored = load_class_model(model_dir / class_name / "fusion.json")
-    inputs = prepared_inputs(config, find_pairs(Path(config.input)))
-    source = feature_source(config, {}, workdir)
-    if source.fingerprint() != info["feature_fingerprint"]:
-        raise ConfigError(
-            f"{model_dir}: its features came from other backbones or weights than the config's "
-            "(compare rgb_weights, point_weights and the backbone sizes with the training run)"
-        )
-    batch = {**inputs, "label": np.zeros(len(inputs["file_id"]), np.int32)}
-    features = source.extract(batch)
-    split = SplitFeatures(
-        arrays=features,
-        file_id=list(inputs["file_id"]),
-        label=batch["label"],
-        defect_type=["unknown"] * len(batch["label"]),
-        path=Path(config.input),
+
+def labelled_split(
+    samples: list[mvtec3d.SampleFiles], inputs: dict[str, np.ndarray]
+) -> class_eval.LabelledSplit | None:
+    """The inputs as a labelled split when every sample's folder says good or defect."""
+    if any(s.defect_type == UNLABELLED for s in samples):
+        return None
+    labels = np.asarray([int(s.defect_type != mvtec3d.GOOD) for s in samples], np.int32)
+    return class_eval.LabelledSplit(
+        file_id=[s.file_id for s in samples],
+        labels=labels,
+        defect_types=[s.defect_type for s in samples],
+        masks=inputs["mask"] if folder.has_masks(samples) else None,
+        rgb=inputs["rgb_uint8"],
     )
-    arrays = {m: features[m] for m in source.modalities}
-    if info["method"] == "lsfa":
-        params = load_adaptor_params(info["adaptors"])
-        cfg = trained_adaptation_config(info["adaptors"], config)
-        arrays = Adaptors(params, cfg).apply(split, config.batch_size)
 
-    per_modality = {
-        m: score_split(
-            load_bank(model_dir / class_name / f"{m}.npz"), arrays[m], config, f"scoring {m}"
-        )
-        for m in source.modalities
-    }
-    settings = {SETTING_OF_MODALITY[m]: v for m, v in per_modality.items()}
-    main_setting = "3D"
-    if len(source.modalities) == 2:
-        main_setting = FUSED
-        settings[FUSED] = fuse_split(stored.fusion, per_modality)
-    threshold = stored.thresholds[main_setting]["threshold"]
-    vmin, vmax = stored.map_scale[main_setting]
-    scores, maps = settings[main_setting]
+
+def write_predictions(workdir: Path, rows: list[dict]) -> None:
+    atomic_write_json(workdir / "predictions.json", rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(workdir / "predictions.csv", buffer.getvalue())
+
+
+def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
+    if not config.input:
+        raise ConfigError("mode=predict needs --config.input=<sample or folder>")
+    model_dir, info, run = open_model(config)
+    class_name = choose_class(info.classes, config.data.classes, model_dir)
+    stored = load_class_model(model_dir / class_name / "fusion.json")
+    banks = {m: load_bank(model_dir / class_name / f"{m}.npz") for m in info.modalities}
+    samples = find_samples(Path(config.input))
+    inputs = prepared_inputs(run, samples)
+    source = feature_source(run, {}, workdir)
+    features = source.extract_in_batches(inputs)
+    arrays = class_eval.features_to_score(
+        features, tuple(info.modalities), model_adaptors(model_dir, info), run.batch_size
+    )
+    scoring = ScoringSettings.from_mapping(info.scoring)
+    per_modality = class_eval.score_modalities(banks, arrays, scoring, "scoring")
+    settings = class_eval.setting_outputs(per_modality, stored.fusion)
+    main = class_eval.FUSED if class_eval.FUSED in settings else "3D"
+    threshold = float(stored.thresholds[main]["threshold"])
+    vmin, vmax = stored.map_scale[main]
+    scores, maps = settings[main]
     rows = []
-    for i, name in enumerate(inputs["file_id"]):
-        stem = Path(str(name)).name
-        image_path = workdir / "predictions" / f"{i:04d}_{Path(stem).stem}.png"
+    for i, files in enumerate(samples):
+        name = sample_name(files)
+        image_path = workdir / "predictions" / f"{name}.png"
         overlays.save_overlay_png(
             image_path,
             inputs["rgb_uint8"][i],
-            np.zeros(maps.shape[1:], np.uint8),
+            inputs["mask"][i],
             np.asarray(maps[i]),
-            title=f"{stem}: score {float(scores[i]):.3f} (threshold {threshold:.3f})",
+            title=f"{name}: score {float(scores[i]):.3f} (threshold {threshold:.3f})",
             vmin=vmin,
             vmax=vmax,
         )
         rows.append(
             {
-                "input": str(name),
+                "input": str(files.xyz_path),
+                "name": name,
+                "defect_type": files.defect_type,
                 "class": class_name,
-                "setting": main_setting,
+                "setting": main,
                 "score": float(scores[i]),
-                "threshold": float(threshold),
+                "threshold": threshold,
                 "anomalous": bool(scores[i] > threshold),
                 "map_vmin": vmin,
                 "map_vmax": vmax,
@@ -176,14 +206,18 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
                 "image": str(image_path),
             }
         )
-    atomic_write_json(workdir / "predictions.json", rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(workdir / "predictions.csv", buffer.getvalue())
+    write_predictions(workdir, rows)
     for row in rows:
         verdict = "FAIL (anomalous)" if row["anomalous"] else "pass"
         print(f"{row['input']}: {row['score']:.4f} -> {verdict}")
+    split = labelled_split(samples, inputs)
+    if split is not None:
+        results = outputs.RunResults()
+        results.add(class_name, class_eval.test_class(stored, per_modality, split))
+        outputs.write_run_reports(
+            results, workdir / "results", method=info.method, dataset=run.data.name
+        )
+        print(tables.format_console_table(results.metrics, notes=results.notes))
+        print(f"Metrics of the labelled inputs: {workdir / 'results' / 'results.md'}")
     print(f"\nPredictions: {workdir / 'predictions.csv'}; images: {workdir / 'predictions'}")
     return rows

@@ -8,17 +8,8 @@ import ml_collections
 from absl import logging
 
 from lsfa_jax.atomic_io import atomic_write_text
-from lsfa_jax.data import pipeline, prepare
-from lsfa_jax.jobs.common import cache_dir, raw_data_dir, selected_classes
-
-
-def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, str]:
-    """class -> prepared dataset folder, for the configured classes."""
-    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.classes = ",".join(selected_classes(config))
-    data_cfg.data_dir = raw_data_dir(config, workdir)
-    data_cfg.skip_bad_samples = bool(config.skip_bad_samples)
-    return prepare.prepare_dataset(data_cfg, cache_dir(config, workdir))
+from lsfa_jax.data import pipeline
+from lsfa_jax.jobs.common import prepared_dataset
 
 
 def summary_table(prepared: dict[str, str]) -> str:

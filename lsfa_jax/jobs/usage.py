@@ -18,6 +18,7 @@ import ml_collections
 MODE_HELP = {
     "train_eval": "extract features, train the adaptors (lsfa), build banks, score, report",
     "eval": "the same with trained adaptors (--config.checkpoint=<adaptation checkpoints>)",
+    "test": "evaluate a run's model folder on a dataset's test split (--config.checkpoint)",
     "predict": "score new samples with a run's model folder (--config.checkpoint, --config.input)",
     "prepare": "only build (or find) the prepared dataset and print its sample counts",
     "convert": "convert backbone weights (.pth) to the JAX-native format",
@@ -32,6 +33,7 @@ DATASET_HELP = {
     "mvtec3d": "MVTec 3D-AD, 10 classes (paper Tables 1-2)",
     "eyecandies": "Eyecandies, 10 classes, converted to the MVTec layout once (paper Table 3)",
     "synthetic": "built-in generated shapes in the MVTec layout (make demo, tests)",
+    "folder": "your own data: one folder per class of png + tiff pairs (configs/folder.py)",
 }
 _SKIP_CONFIGS = ("__init__.py", "base.py")
 

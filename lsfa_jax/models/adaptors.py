@@ -18,13 +18,16 @@ parameters stay float32 and the residual stream keeps the input's dtype (float32
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
 
@@ -280,3 +283,64 @@ def apply_adaptors(
         raise ValueError("adaptors.py: prepend_cls=True needs rgb_cls (B, C)")
     model = model_from_params(params, structure, rgb_heads, xyz_heads)
     return model.apply({"params": params}, rgb, xyz, rgb_cls if prepend_cls else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptorSettings:
+    """What applying trained adaptors needs besides their parameters (the fused qkv kernels do
+    not depend on the head count, so the counts must travel with the parameters)."""
+
+    structure: str = "encoder1"
+    rgb_heads: int = 12
+    xyz_heads: int = 12
+    prepend_cls: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> AdaptorSettings:
+        """The settings named in `values` (e.g. `config.adaptation`); other keys are ignored."""
+        return cls(
+            structure=str(values["structure"]),
+            rgb_heads=int(values["rgb_heads"]),
+            xyz_heads=int(values["xyz_heads"]),
+            prepend_cls=bool(values["prepend_cls"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def adapt_features(
+    params: dict,
+    settings: AdaptorSettings,
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Adapted features of a whole split: {"rgb" (N, P, Ci), "xyz" (N, P, Cp), "rgb_cls"
+    (N, Ci)} -> {"rgb", "xyz"} float32 of the same shapes.
+
+    Every call sees a full batch (the last one is padded by repeating its final sample), so the
+    jitted adaptors compile once whatever the split size; results go into preallocated arrays
+    rather than being concatenated, so a split's library is held once.
+    """
+    params = jax.tree.map(jnp.asarray, params)
+    count = len(arrays["rgb"])
+    out = {m: np.empty((count, *arrays[m].shape[1:]), np.float32) for m in ("rgb", "xyz")}
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        chunk = {m: np.asarray(arrays[m][start:stop]) for m in ("rgb", "rgb_cls", "xyz")}
+        if stop - start < batch_size:
+            pad = batch_size - (stop - start)
+            chunk = {m: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for m, v in chunk.items()}
+        out_rgb, out_xyz = apply_adaptors(
+            params,
+            jnp.asarray(chunk["rgb"]),
+            jnp.asarray(chunk["xyz"]),
+            jnp.asarray(chunk["rgb_cls"]),
+            structure=settings.structure,
+            rgb_heads=settings.rgb_heads,
+            xyz_heads=settings.xyz_heads,
+            prepend_cls=settings.prepend_cls,
+        )
+        out["rgb"][start:stop] = np.asarray(out_rgb)[: stop - start]
+        out["xyz"][start:stop] = np.asarray(out_xyz)[: stop - start]
+    return out

@@ -7,15 +7,19 @@ float32 search; both give the float32 nearest row.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
-from lsfa_jax.patchcore.bank import MemoryBank
+from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.knn import (
     approximate_index,
     approximate_nearest_neighbour,
@@ -26,6 +30,8 @@ from lsfa_jax.patchcore.knn import (
 from lsfa_jax.patchcore.normalisation import normalise
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+SEARCHES = ("screened", "exact", "approximate")
+BLURS = ("gaussian", "pil", "none")
 
 
 def patchcore_image_score(
@@ -279,11 +285,11 @@ def score_batch(
     Returns:
       image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
     """
-    if search not in ("screened", "exact", "approximate"):
+    if search not in SEARCHES:
         raise ValueError(
             f"score_batch: search must be 'screened', 'exact' or 'approximate', got {search!r}"
         )
-    if blur not in ("gaussian", "pil", "none"):
+    if blur not in BLURS:
         raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
     if queries.ndim != 3 or queries.shape[-1] != bank.features.shape[-1]:
         raise ValueError(
@@ -303,3 +309,72 @@ def score_batch(
     if blur == "pil":
         maps = jnp.asarray(pil_blur(np.asarray(maps), sigma))
     return scores, maps
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSettings:
+    """How a split is scored against a bank (`score_batch`'s options plus the batch size)."""
+
+    out_size: int = 224
+    reweight: bool = True
+    blur: str = "gaussian"
+    sigma: float = 4.0
+    search: str = "screened"
+    approximate_dim: int = 128
+    batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, config: Any) -> ScoringSettings:
+        """From a run config: `data.image_size`, `batch_size` and `patchcore.*`."""
+        patchcore = config.patchcore
+        return cls(
+            out_size=int(config.data.image_size),
+            reweight=bool(patchcore.reweight),
+            blur=str(patchcore.blur),
+            sigma=float(patchcore.blur_sigma),
+            search=str(patchcore.search),
+            approximate_dim=int(patchcore.approximate_dim),
+            batch_size=int(config.batch_size),
+        )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ScoringSettings:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def score_features(
+    bank: MemoryBank, features: np.ndarray, settings: ScoringSettings, desc: str = "scoring"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, P, C) features of a split -> image scores (N,) and maps (N, S, S), in fixed batches.
+
+    The last batch is padded to the full batch size so the jitted scorer compiles once. The
+    bank's search index for `settings.search` is computed here once if it lacks it.
+    """
+    size = settings.batch_size
+    approximate_dim = min(settings.approximate_dim, bank.features.shape[1])
+    if settings.search != "exact":
+        bank = with_search_index(
+            bank, approximate_dim if settings.search == "approximate" else None
+        )
+    scores, maps = [], []
+    for start in tqdm(range(0, len(features), size), desc=desc, unit="batch", leave=False):
+        chunk = np.asarray(features[start : start + size], np.float32)
+        real = len(chunk)
+        if real < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - real, axis=0)])
+        batch_scores, batch_maps = score_batch(
+            bank,
+            jnp.asarray(chunk),
+            out_size=settings.out_size,
+            reweight=settings.reweight,
+            blur=settings.blur,
+            sigma=settings.sigma,
+            search=settings.search,
+            approximate_dim=approximate_dim,
+        )
+        scores.append(np.asarray(batch_scores)[:real])
+        maps.append(np.asarray(batch_maps)[:real])
+    return np.concatenate(scores), np.concatenate(maps)

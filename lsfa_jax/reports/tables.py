@@ -383,3 +383,46 @@ def write_threshold_table(
         "json": atomic_write_json(out_dir / "thresholds.json", doc),
         "csv": atomic_write_text(out_dir / "thresholds.csv", buf.getvalue()),
     }
+
+
+def _fmt_or_na(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def write_per_defect(
+    per_defect: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    out_dir: str | os.PathLike,
+) -> Path:
+    """results/per_defect.{json,md}: {class: {setting: {defect: {"i_auroc", "aupro_30", "n"}}}}.
+
+    Undefined values (no masks: no AUPRO) are null in JSON and n/a in the table.
+    """
+    out_dir = Path(out_dir)
+    record = {
+        c: {
+            s: {
+                d: {
+                    k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()
+                }
+                for d, m in defects.items()
+            }
+            for s, defects in settings.items()
+        }
+        for c, settings in per_defect.items()
+    }
+    atomic_write_json(out_dir / "per_defect.json", record)
+    lines = ["# Per defect type (good test samples vs one defect type)", ""]
+    lines += [
+        "| class | setting | defect type | n | I-AUROC | AUPRO@0.3 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for class_name, settings in per_defect.items():
+        for setting, defects in settings.items():
+            for defect, values in defects.items():
+                lines.append(
+                    f"| {class_name} | {setting} | {defect} | {values['n']} | "
+                    f"{_fmt_or_na(values['i_auroc'])} | {_fmt_or_na(values['aupro_30'])} |"
+                )
+    path = out_dir / "per_defect.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,4 +1,4 @@
-"""The model store: banks keep their dtype and bits; fusion.json round trip; old folders refused."""
+"""The model folder: banks keep dtype and bits; fusion.json round trip; old folders refused."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from configs.base import get_base_config
 from lsfa_jax import fusion
-from lsfa_jax.jobs import evaluate, model_store
-from lsfa_jax.jobs.common import ConfigError
+from lsfa_jax import model_folder as model_store
+from lsfa_jax.jobs.common import ConfigError, bank_dtype
 from lsfa_jax.patchcore.bank import build_memory_bank
 
 
@@ -50,7 +50,7 @@ def test_bank_file_without_dtype_holds_float32(tmp_path: Path) -> None:
 
 
 def test_bank_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"missing\.npz: memory bank not found"):
+    with pytest.raises(model_store.ModelFolderError, match=r"missing\.npz: memory bank not found"):
         model_store.load_bank(tmp_path / "missing.npz")
     path = tmp_path / "f16.npz"
     np.savez(
@@ -102,9 +102,9 @@ def test_model_folder_of_an_older_version_is_refused(tmp_path: Path) -> None:
 
 def test_bank_dtype_setting() -> None:
     config = get_base_config()
-    assert evaluate.bank_dtype(config) == jnp.float32
+    assert bank_dtype(config) == jnp.float32
     config.patchcore.bank_dtype = "bfloat16"
-    assert evaluate.bank_dtype(config) == jnp.bfloat16
+    assert bank_dtype(config) == jnp.bfloat16
     config.patchcore.bank_dtype = "float16"
     with pytest.raises(ConfigError, match=r"config\.patchcore\.bank_dtype='float16'"):
-        evaluate.bank_dtype(config)
+        bank_dtype(config)

@@ -53,6 +53,17 @@ class FeatureSource:
             "fg": np.stack([np.asarray(m) for _, m in pairs]),
         }
 
+    def extract_in_batches(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`extract` over (N, ...) inputs in consecutive batches of `config.batch_size`, as the
+        feature cache does, so the same samples in the same order give the same features."""
+        size = self.config.batch_size
+        count = len(inputs["file_id"])
+        parts = [
+            self.extract({k: v[start : start + size] for k, v in inputs.items()})
+            for start in range(0, count, size)
+        ]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
     def split(self, class_name: str, split: str) -> cache.SplitFeatures:
         return cache.split_features(
             self.extract,
