@@ -113,7 +113,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.fusion = ml_collections.ConfigDict(
         dict(
             method="zscore",  # zscore | minmax | ocsvm
-            threshold_quantile=0.99,
+            # Image decision threshold per class and setting: auto (f1 when the validation split
+            # holds defects, else quantile) | f1 | quantile | fpr | manual
+            threshold_rule="auto",
+            threshold_quantile=0.99,  # rule quantile: this quantile of normal validation scores
+            threshold_target_fpr=0.01,  # rule fpr: highest false-alarm rate on normal validation
+            threshold_value=ml_collections.config_dict.placeholder(float),  # rule manual
+            # Pixel threshold (the predicted masks), the same rules over map pixels.
+            pixel_threshold_rule="auto",
+            pixel_threshold_quantile=0.99,  # rule quantile, over normal validation pixels
+            pixel_threshold_target_fpr=0.01,  # rule fpr
+            pixel_threshold_value=ml_collections.config_dict.placeholder(float),  # rule manual
         )
     )
     config.report = ml_collections.ConfigDict(

@@ -10,7 +10,7 @@ import numpy as np
 from lsfa_jax.atomic_io import atomic_write_json
 from lsfa_jax.evaluators.class_eval import ClassResult, LabelledSplit
 from lsfa_jax.model_folder import ClassModel
-from lsfa_jax.reports import overlays, paper_results, plots, tables
+from lsfa_jax.reports import html, overlays, paper_results, plots, tables
 
 
 def write_class_outputs(
@@ -48,6 +48,9 @@ def write_class_outputs(
             k=num_overlays,
             sample_names=[i.replace("/", "_") for i in split.file_id],
             scale=model.map_scale[main],
+            threshold=float(model.thresholds[main]["threshold"]),
+            rule=model.thresholds[main].get("description", ""),
+            pixel_threshold=model.thresholds[main].get("pixel_threshold"),
         )
     if draw_plots and result.curves:
         plots.plot_roc(
@@ -86,7 +89,8 @@ class RunResults:
 def write_run_reports(
     results: RunResults, out_dir: Path, *, method: str, dataset: str
 ) -> dict[str, Path]:
-    """results/results.{md,json,csv}, thresholds.*, per_defect.*; returns the tables' paths.
+    """results/results.{md,json,csv}, thresholds.*, per_defect.*, index.html (from the files
+    under out_dir's parent, the workdir); returns the tables' and the page's paths.
     The paper's numbers stand beside ours for the datasets whose numbers are transcribed."""
     paper_method = method if dataset in paper_results.DATASETS else None
     paths = tables.write_result_tables(
@@ -94,4 +98,5 @@ def write_run_reports(
     )
     tables.write_threshold_table(results.thresholds, out_dir, dataset=dataset)
     tables.write_per_defect(results.per_defect, out_dir)
+    paths["html"] = html.write_index(out_dir.parent, title=f"lsfa-jax: {dataset}, method {method}")
     return paths

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.adaptation.train import select_few_shot, train_adaptors
 from lsfa_jax.features.cache import SplitFeatures
 
@@ -72,11 +72,13 @@ def train_lsfa(
     cfg = adaptation_config(config, train)
     pairs = training_indices(train, int(config.adaptation.few_shot), config.seed)
     steps_per_epoch = len(pairs) // cfg.batch_size
-    logging.info(
-        "Adaptation: %d samples over %d classes, %d batches per epoch",
+    console.stage(
+        "training the LSFA adaptors: %d samples over %d classes, %d batches per epoch; "
+        "checkpoints and TensorBoard logs in %s",
         len(pairs),
         len(train),
         steps_per_epoch,
+        workdir / "adaptation",
     )
     state = train_adaptors(
         cfg,

@@ -331,12 +331,13 @@ def save_prediction_files(
     vmin: float,
     vmax: float,
     pixel_threshold: float | None,
+    gt_mask: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """What mode=predict leaves per sample, each written atomically:
 
     <stem>_map.tiff     float32 anomaly map at the input's resolution `input_size` (H, W)
     <stem>_mask.png     0 / 255: that map > pixel_threshold (absent without a threshold)
-    <stem>_overlay.png  `overlay_image` at the model's resolution, no ground truth
+    <stem>_overlay.png  `overlay_image` at the model's resolution (with `gt_mask` if given)
     """
     import tifffile
 
@@ -351,7 +352,7 @@ def save_prediction_files(
     paths["overlay"] = save_overlay_png(
         out_dir / f"{stem}_overlay.png",
         rgb_uint8,
-        None,
+        gt_mask,
         anomaly_map,
         title=title,
         vmin=vmin,
