@@ -21,6 +21,9 @@ from absl import logging
 _PROJECT_PREFIXES = ("lsfa_jax", "main")
 _STAGE = "lsfa_stage"  # a record attribute: the line was printed already, log it to files only
 _verbose = False
+# Libraries' warnings that say nothing to a user of this project (shown with --verbose):
+# deprecation notices, and TFDS naming each custom builder config it is given.
+_LIBRARY_NOISE = ("deprecat", "using custom data configuration")
 
 
 def _is_project(record: std_logging.LogRecord) -> bool:
@@ -42,7 +45,8 @@ class _ConsoleFilter(std_logging.Filter):
             return False
         if _is_project(record):
             return True
-        return "deprecat" not in record.getMessage().lower()
+        message = record.getMessage().lower()
+        return not any(noise in message for noise in _LIBRARY_NOISE)
 
 
 def configure(verbose: bool = False) -> None:
@@ -88,3 +92,26 @@ def ignore_interrupt() -> None:
     """Pool initializer: Ctrl-C reaches the whole process group, and only the parent should
     report it (once) and stop the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with the process's stderr (fd 2) sent to /dev/null meanwhile.
+
+    Its C++ start-up lines ("oneDNN custom operations are on", "All log messages before
+    absl::InitializeLog()") ignore TF_CPP_MIN_LOG_LEVEL; an import error still raises. With
+    `configure(verbose=True)` the import is a plain one.
+    """
+    if _verbose or "tensorflow" in sys.modules:
+        import tensorflow
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -127,6 +127,15 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._pool = pool
         super().__init__(**kwargs)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+    # to stdout for what is a local folder; the prepare step's own line says what happens, so
+    # these two go to run.log only.
+    def _log_download_bytes(self) -> None:
+        logging.info("TFDS: preparing %s into %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("TFDS: %s prepared in %s", self.name, self.data_dir)
+
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:

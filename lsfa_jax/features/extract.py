@@ -67,8 +67,8 @@ def _file_identity(path: str) -> str:
 
 def _random_warning(modality: str) -> None:
     logging.warning(
-        "=" * 70 + "\n%s backbone: RANDOM INITIALISATION (config.allow_random_init=True).\n"
-        "Features are NOT pretrained; results say nothing about the paper's method.\n" + "=" * 70,
+        "%s backbone: RANDOM INITIALISATION (config.allow_random_init=True): its features are "
+        "NOT pretrained, results say nothing about the paper's method",
         modality,
     )
 

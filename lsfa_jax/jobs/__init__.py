@@ -29,6 +29,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
         path,
     )
     check_inputs(config, path)  # seconds, before any long work
+    console.import_tensorflow_quietly()  # the jobs' data pipeline needs it
     if config.mode == "prepare":
         from lsfa_jax.jobs.prepare import run_prepare
 
