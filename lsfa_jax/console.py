@@ -18,7 +18,8 @@ from pathlib import Path
 import tqdm
 from absl import logging
 
-_PROJECT_PREFIXES = ("lsfa_jax", "main")
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+_MAIN = os.path.join(os.path.dirname(_PACKAGE_DIR.rstrip(os.sep)), "main.py")
 _STAGE = "lsfa_stage"  # a record attribute: the line was printed already, log it to files only
 _verbose = False
 # Libraries' warnings that say nothing to a user of this project (shown with --verbose):
@@ -27,10 +28,9 @@ _LIBRARY_NOISE = ("deprecat", "using custom data configuration")
 
 
 def _is_project(record: std_logging.LogRecord) -> bool:
-    return record.name == "absl" and any(
-        f"{os.sep}{prefix}" in record.pathname or record.module == prefix
-        for prefix in _PROJECT_PREFIXES
-    )
+    """Logged by this package or main.py (absl records carry the caller's file)."""
+    path = os.path.realpath(record.pathname)
+    return path.startswith(_PACKAGE_DIR) or path == _MAIN
 
 
 class _ConsoleFilter(std_logging.Filter):
@@ -53,6 +53,7 @@ def configure(verbose: bool = False) -> None:
     """Console filtering and a plain "LEVEL: message" format for the absl (root) handler."""
     global _verbose
     _verbose = verbose
+    logging.use_absl_handler()  # main.py's app.run has installed it; other callers get it here
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
         handler.addFilter(_ConsoleFilter())
