@@ -16,6 +16,7 @@ import numpy as np
 from lsfa_jax import console
 from lsfa_jax.adaptation.train import select_few_shot, train_adaptors
 from lsfa_jax.features.cache import SplitFeatures
+from lsfa_jax.jobs.common import ConfigError
 
 
 def adaptation_config(
@@ -45,7 +46,7 @@ def make_batches_fn(
 ):
     """batches_fn(epoch): seeded shuffle of `pairs` per epoch, full batches only (drop_last)."""
     if len(pairs) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"adaptation: {len(pairs)} training samples is fewer than one batch ({batch_size}); "
             "lower config.adaptation.batch_size"
         )
