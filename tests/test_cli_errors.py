@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,31 @@ def test_help_lists_modes_methods_and_variants(tmp_path: Path) -> None:
     assert code == 0
     assert "--config.patchcore.search='screened'" in out
     assert re.search(r"--config\.data\.image_size=224 +side of the square images", out), out
+
+
+def test_ctrl_c_says_how_to_resume(bagel_root: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) during preparation
+    with worker processes: one message, exit code 130, no traceback from any process."""
+    args = data_args(
+        bagel_root, tmp_path / "w", "--config.data.num_workers=2", "--config.data.preprocess=True"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    lines = []
+    for line in process.stdout:  # the stage line comes before the long work
+        lines.append(line)
+        if line.startswith("preparing") or "/train:" in line:
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "interrupted; rerun the same command to resume" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output

@@ -98,6 +98,12 @@ def prepared_dataset(
     """class -> prepared dataset folder of `splits`, for the configured classes."""
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     data_cfg.classes = ",".join(selected_classes(config))
+    console.stage(
+        "preparing data (%s, %s) into %s (done once, then found in the cache)",
+        data_cfg.classes.replace(",", ", "),
+        "/".join(splits),
+        cache_dir(config, workdir) / "prepared",
+    )
     data_cfg.data_dir = raw_data_dir(config, workdir)
     data_cfg.skip_bad_samples = bool(config.skip_bad_samples)
     return prepare.prepare_dataset(data_cfg, cache_dir(config, workdir), splits)

@@ -186,9 +186,6 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     manifest.set_seed("seed", config.seed)
     classes = selected_classes(config)
     check_patchcore_config(config)  # a bad setting fails before any work
-    console.stage(
-        "preparing data (%s) into %s", ", ".join(classes), cache_dir(config, workdir) / "prepared"
-    )
     with manifest.stage("prepare"):
         prepared = prepared_dataset(config, workdir)
     source = feature_source(config, prepared, cache_dir(config, workdir))

@@ -168,6 +168,13 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     stored = load_class_model(model_dir / class_name / "fusion.json")
     banks = {m: load_bank(model_dir / class_name / f"{m}.npz") for m in info.modalities}
     samples = find_samples(Path(config.input))
+    console.stage(
+        "scoring %d inputs from %s with class %s of %s",
+        len(samples),
+        config.input,
+        class_name,
+        model_dir,
+    )
     inputs = prepared_inputs(run, samples)
     source = feature_source(run, {}, workdir)
     features = source.extract_in_batches(inputs)
