@@ -81,7 +81,8 @@ def test_console_is_short_and_ends_with_the_table_and_the_report(demo_run) -> No
     assert len(lines) < 40, "\n".join(lines)
     assert not [line for line in lines if "Traceback" in line or line.startswith("I0000")]
     text = "\n".join(lines)
-    assert "I-AUROC" in text and f"Report: {workdir / 'results' / 'index.html'}" in text
+    assert "I-AUROC" in text
+    assert lines[-1] == f"Report (tables, curves, images): {workdir / 'results' / 'index.html'}"
     for class_name in CLASSES:
         assert f"{class_name}: memory banks" in text  # one stage line per class
     assert not (workdir.parent / "data").exists()  # the generated data stays in the workdir

@@ -249,9 +249,8 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         random_note = " (RANDOMLY INITIALISED backbones: not the paper's features)"
     print(
         f"\nResults{random_note}: {paths['md']}\n"
-        f"Report: {paths['html']}\n"
-        f"Anomaly-map overlays: {workdir / 'images'}\nCurves: {workdir / 'plots'}\n"
         f"Model for mode=test / predict (movable): {model_dir}\n"
-        f"Total time: {time.time() - started:.0f} s"
+        f"Total time: {time.time() - started:.0f} s\n"
+        f"Report (tables, curves, images): {paths['html']}"
     )
     return results.metrics

@@ -72,8 +72,7 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     print(tables.format_console_table(results.metrics, notes=results.notes, dataset=run.data.name))
     print(
         f"\nResults of model {model_dir}: {paths['md']}\n"
-        f"Report: {paths['html']}\n"
-        f"Anomaly-map overlays: {workdir / 'images'}\nCurves: {workdir / 'plots'}\n"
-        f"Total time: {time.time() - started:.0f} s"
+        f"Total time: {time.time() - started:.0f} s\n"
+        f"Report (tables, curves, images): {paths['html']}"
     )
     return results.metrics

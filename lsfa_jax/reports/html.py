@@ -23,6 +23,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #bbb; padding: 0.2em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 td.na { color: #999; }
+td.text { text-align: left; }
 .gallery { display: flex; flex-wrap: wrap; gap: 0.8em; }
 figure { margin: 0; max-width: 520px; }
 figure img { max-width: 100%; border: 1px solid #ccc; }
@@ -77,7 +78,7 @@ def _threshold_table(doc: dict | None) -> list[str]:
             rows.append(
                 f"<tr><td>{html.escape(setting)}</td><td>{html.escape(name)}</td>"
                 f"{_cell(f.get('threshold'), '.4g')}{_cell(f.get('precision'))}"
-                f"{_cell(f.get('recall'))}<td>{html.escape(str(f.get('rule') or 'n/a'))}</td>"
+                f'{_cell(f.get("recall"))}<td class="text">{html.escape(str(f.get("rule") or "n/a"))}</td>'
                 f"{_cell(f.get('pixel_threshold'), '.4g')}</tr>"
             )
     head = "".join(

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from lsfa_jax.atomic_io import atomic_write_bytes
 
-TITLE_HEIGHT = 26  # pixels of the title strip above the panels: two lines of text
+TITLE_HEIGHT = 38  # pixels of the title strip above the panels: three lines of text
 CONTOUR_RGB = (0, 255, 0)  # ground truth
 PRED_RGB = (255, 255, 255)  # predicted mask: map > pixel threshold
 COLORBAR_WIDTH = 64  # pixels: a 12-pixel gradient and its tick labels
@@ -88,7 +88,7 @@ def fixed_scale(normal_maps: np.ndarray) -> tuple[float, float]:
 def _title_strip(lines: list[str], width: int) -> np.ndarray:
     img = Image.new("RGB", (width, TITLE_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    for row, line in enumerate(lines[:2]):
+    for row, line in enumerate(lines[:3]):
         draw.text((2, 1 + 12 * row), line, fill=(0, 0, 0))
     return np.asarray(img)
 
@@ -123,13 +123,15 @@ def overlay_image(
     vmin: float,
     vmax: float,
     pixel_threshold: float | None = None,
+    note: str = "",
 ) -> np.ndarray:
     """The panel as (TITLE_HEIGHT + H, 2 W + COLORBAR_WIDTH, 3) uint8.
 
     Columns: the RGB image with the ground-truth contour in CONTOUR_RGB (plain RGB when gt_mask
     is None, e.g. in mode=predict); the heat map (colour scale [vmin, vmax], one per class)
     blended over the RGB image, with the contour of `anomaly_map > pixel_threshold` in PRED_RGB
-    when a threshold is given; the colour bar with that threshold marked.
+    when a threshold is given; the colour bar with that threshold marked. Above them: `title`,
+    `note` (e.g. the threshold's rule) and what the colours and contours mean.
     """
     rgb = np.asarray(rgb_uint8)
     anomaly_map = np.asarray(anomaly_map)
@@ -147,7 +149,8 @@ def overlay_image(
     legend = "green: ground truth" if gt_mask is not None else "no ground truth"
     if pixel_threshold is not None:
         legend += f"; white: map > {pixel_threshold:.3g} (pixel threshold, magenta on the bar)"
-    lines = [title, f"{legend}; colours [{vmin:.3g}, {vmax:.3g}] of the class"]
+    lines = [title, note, f"{legend}; colours [{vmin:.3g}, {vmax:.3g}] of the class"]
+    lines = [line for line in lines if line]
     return np.concatenate([_title_strip(lines, panels.shape[1]), panels], axis=0)
 
 
@@ -161,6 +164,7 @@ def save_overlay_png(
     vmin: float,
     vmax: float,
     pixel_threshold: float | None = None,
+    note: str = "",
 ) -> Path:
     """Writes `overlay_image(...)` as a PNG atomically; returns the path."""
     panel = overlay_image(
@@ -171,6 +175,7 @@ def save_overlay_png(
         vmin=vmin,
         vmax=vmax,
         pixel_threshold=pixel_threshold,
+        note=note,
     )
     return atomic_write_bytes(path, png_bytes(panel))
 
@@ -295,7 +300,7 @@ def save_class_overlays(
                 title = f"{class_name} {names[i]} {group} score {float(scores[i]):.3g}"
             else:
                 title = f"{GROUP_TITLES[group]}: " + verdict_title(
-                    f"{class_name} {names[i]}", float(scores[i]), threshold, rule
+                    f"{class_name} {names[i]}", float(scores[i]), threshold
                 )
             path = Path(out_dir) / f"{class_name}_{group}_{rank}_{names[i]}.png"
             paths.append(
@@ -308,6 +313,7 @@ def save_class_overlays(
                     vmin=vmin,
                     vmax=vmax,
                     pixel_threshold=pixel_threshold,
+                    note=f"image threshold: {rule}" if rule else "",
                 )
             )
     return paths
@@ -332,6 +338,7 @@ def save_prediction_files(
     vmax: float,
     pixel_threshold: float | None,
     gt_mask: np.ndarray | None = None,
+    note: str = "",
 ) -> dict[str, Path]:
     """What mode=predict leaves per sample, each written atomically:
 
@@ -358,5 +365,6 @@ def save_prediction_files(
         vmin=vmin,
         vmax=vmax,
         pixel_threshold=pixel_threshold,
+        note=note,
     )
     return paths
