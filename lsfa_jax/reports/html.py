@@ -75,10 +75,11 @@ def _threshold_table(doc: dict | None) -> list[str]:
     rows = []
     for setting, per_class in doc.get("settings", {}).items():
         for name, f in per_class.items():
+            rule = str(f.get("rule") or "n/a")
             rows.append(
                 f"<tr><td>{html.escape(setting)}</td><td>{html.escape(name)}</td>"
                 f"{_cell(f.get('threshold'), '.4g')}{_cell(f.get('precision'))}"
-                f'{_cell(f.get("recall"))}<td class="text">{html.escape(str(f.get("rule") or "n/a"))}</td>'
+                f'{_cell(f.get("recall"))}<td class="text">{html.escape(rule)}</td>'
                 f"{_cell(f.get('pixel_threshold'), '.4g')}</tr>"
             )
     head = "".join(
