@@ -64,12 +64,13 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     done = subprocess.run(
         [sys.executable, str(REPO / "main.py"), f"--config={config}", f"--workdir={workdir}"],
         cwd=folder,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # interleaved, as on a terminal
         text=True,
         timeout=900,
         env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
     )
-    return workdir, done.stdout + done.stderr, done.returncode
+    return workdir, done.stdout, done.returncode
 
 
 def test_console_is_short_and_ends_with_the_table_and_the_report(demo_run) -> None:
@@ -132,6 +133,16 @@ def test_report_lists_every_class_with_its_images(demo_run) -> None:
         assert f"../plots/{class_name}_roc.png" in page
 
 
+IMAGE_PROBE = """<script>
+window.addEventListener("load", () => {
+  for (const img of document.images) {
+    if (!img.complete || img.naturalWidth === 0) console.error("image not loaded: " + img.src);
+  }
+  console.log("images checked: " + document.images.length);
+});
+</script>"""
+
+
 def _chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -165,6 +176,21 @@ def test_report_loads_in_a_headless_browser(demo_run, tmp_path: Path) -> None:
     for class_name in CLASSES:
         assert f'id="class-{class_name}"' in dom.stdout and f'id="row-{class_name}"' in dom.stdout
         assert f"../images/{class_name}/" in dom.stdout
+    # Every image really loads: a copy of the page (same folder, so the same relative paths)
+    # with a script that reports each <img> the browser could not decode.
+    probe = page.with_name("index_probe.html")
+    probe.write_text(page.read_text() + IMAGE_PROBE)
+    try:
+        loaded = subprocess.run(
+            [*args, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        probe.unlink()
+    expected = len(list((workdir / "images").rglob("*.png"))) + len(
+        list((workdir / "plots").glob("*.png"))
+    )
+    assert f"images checked: {expected}" in loaded.stderr, loaded.stderr[-3000:]
+    assert "image not loaded" not in loaded.stderr, loaded.stderr[-3000:]
     shot = tmp_path / "report.png"
     subprocess.run(
         [*args, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
