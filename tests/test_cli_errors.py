@@ -177,7 +177,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     code, out, _ = run_main(
         *data_args(tmp_path / "nowhere", tmp_path / "w"), cwd=tmp_path, env={"LSFA_DEBUG": "1"}
     )
-    assert code != 0 and "Traceback" in out and "InputNotFoundError" in out
+    assert code != 0 and "Traceback" in out and "DataError" in out
 
 
 def test_help_lists_modes_methods_and_variants(tmp_path: Path) -> None:

@@ -34,9 +34,12 @@ def check_data(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if not str(config.data.data_dir):
         raise ConfigError("config.data_dir is empty: set it to the raw dataset folder")
     if not root.is_dir():
-        raise InputNotFoundError(
-            f"{root}: dataset folder not found (config.data_dir); give the folder that holds "
-            f"the class folders ({', '.join(classes[:3])}, ...)"
+        label = {"mvtec3d": "MVTec 3D-AD", "eyecandies": "Eyecandies"}.get(
+            config.data.name, "dataset"
+        )
+        raise mvtec3d.DataError(
+            f"{root}: {label} folder not found (config.data_dir; the folder that holds the class "
+            f"folders {', '.join(classes[:3])}, ...)"
         )
     if config.data.name != "mvtec3d":
         return  # Eyecandies is checked file by file when converted
