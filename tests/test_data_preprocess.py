@@ -7,7 +7,7 @@ import pytest
 from scipy import spatial
 from scipy.sparse import csgraph
 
-from lsfa_jax.data import mvtec3d, preprocess, synthetic
+from lsfa_jax.data import mvtec3d, preprocess, synthetic, tfds_builders
 
 PARAMS = preprocess.PlaneRemovalParams()
 
@@ -130,3 +130,19 @@ def test_no_cluster_keeps_the_points() -> None:
     sparse = np.random.default_rng(0).uniform(-1, 1, size=(50, 3))
     keep, num_clusters = preprocess._largest_cluster(sparse, PARAMS)
     assert num_clusters == 0 and keep.all()
+
+
+def _thread_limits() -> tuple[int, list[int]]:
+    import open3d as o3d
+    import threadpoolctl
+
+    return o3d.utility.get_max_threads(), [
+        p["num_threads"] for p in threadpoolctl.threadpool_info()
+    ]
+
+
+def test_pool_workers_are_single_threaded() -> None:
+    # One level of parallelism: the pool's processes, each on one thread (Open3D, BLAS).
+    with tfds_builders.make_pool(2) as pool:
+        open3d_threads, blas_threads = pool.apply(_thread_limits)
+    assert open3d_threads == 1 and blas_threads and set(blas_threads) == {1}

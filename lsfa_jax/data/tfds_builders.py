@@ -82,18 +82,27 @@ def split_exists(config: PreparedConfig, root: Path, split: str) -> bool:
 
 
 def resolve_workers(num_workers: int) -> int:
+    """`num_workers`, or for 0 one per core."""
     return num_workers if num_workers > 0 else os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    console.ignore_interrupt()
+    preprocess.use_one_thread()
 
 
 def make_pool(num_workers: int) -> multiprocessing.pool.Pool | None:
     """A spawn pool (TensorFlow is never forked) of `num_workers` (0: all cores); None for 1.
 
-    Workers ignore SIGINT; an error in a worker is raised once, in the parent, by `imap`.
+    The processes are the only level of parallelism: each runs single-threaded
+    (`preprocess.use_one_thread`), so the default keeps every core busy without
+    oversubscribing them (the writer in this process adds little).
+    Workers also ignore SIGINT: an error in a worker is raised once, in the parent, by `imap`.
     """
     workers = resolve_workers(num_workers)
     if workers <= 1:
         return None
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=console.ignore_interrupt)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
 
 
 def _prepared_samples(
@@ -193,7 +202,7 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, samples: list[mvtec3d.SampleFiles], split: str):
         config = self.builder_config
         desc = f"{self.name}/{config.class_name}/{split}"
-        skipped, unclustered, nonfinite, bad = [], [], 0, []
+        skipped, unclustered, open3d_dbscan, nonfinite, bad = [], [], [], 0, []
         for key, prepared in enumerate(_prepared_samples(samples, config, self._pool, desc)):
             if isinstance(prepared, tuple):
                 bad.append(prepared)
@@ -205,6 +214,8 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 skipped.append(files.file_id)
             elif info is not None and info.num_clusters == 0:
                 unclustered.append(files.file_id)
+            if info is not None and info.dbscan_fallback:
+                open3d_dbscan.append(f"{files.file_id}: {info.dbscan_fallback}")
             yield (
                 key,
                 {
@@ -242,6 +253,14 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 desc,
                 len(unclustered),
                 unclustered[:3],
+            )
+        if open3d_dbscan:
+            logging.warning(
+                "%s: %d clouds clustered by Open3D's DBSCAN (same labels, slower) because their "
+                "pixel window could not be bounded, e.g. %s",
+                desc,
+                len(open3d_dbscan),
+                open3d_dbscan[:3],
             )
         if nonfinite:
             logging.warning("%s: %d NaN/inf points set to missing", desc, nonfinite)

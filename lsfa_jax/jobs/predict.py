@@ -74,8 +74,10 @@ def find_samples(path: Path) -> list[mvtec3d.SampleFiles]:
     if not tiffs:
         raise mvtec3d.DataError(f"config.input={path}: no xyz .tiff files found")
     samples, seen = [], {}
+    root = path if path.is_dir() else path.parent
     for xyz in tiffs:
-        defect_type, file_id, gt = UNLABELLED, str(xyz.with_suffix("")), None
+        defect_type, gt = UNLABELLED, None
+        file_id = xyz.relative_to(root).with_suffix("").as_posix()
         if xyz.parent.name == "xyz":
             type_dir = xyz.parent.parent
             defect_type = type_dir.name
@@ -83,19 +85,21 @@ def find_samples(path: Path) -> list[mvtec3d.SampleFiles]:
             file_id = f"{split}/{defect_type}/{xyz.stem}" if split in mvtec3d.SPLITS else file_id
             mask = type_dir / "gt" / f"{xyz.stem}.png"
             gt = mask if defect_type != mvtec3d.GOOD and mask.is_file() else None
-        if file_id in seen:
-            raise mvtec3d.DataError(f"{xyz}: same sample name as {seen[file_id]}; keep one")
-        seen[file_id] = xyz
-        samples.append(
-            mvtec3d.SampleFiles("input", "predict", defect_type, file_id, _rgb_for(xyz), xyz, gt)
+        files = mvtec3d.SampleFiles(
+            "input", "predict", defect_type, file_id, _rgb_for(xyz), xyz, gt
         )
+        name = sample_name(files)
+        if name in seen:
+            raise mvtec3d.DataError(f"{xyz}: same sample name {name!r} as {seen[name]}; keep one")
+        seen[name] = xyz
+        samples.append(files)
     return samples
 
 
 def sample_name(files: mvtec3d.SampleFiles) -> str:
-    """`test/cut/000` -> `cut_000`; an unlabelled file keeps its stem."""
+    """`test/cut/000` -> `cut_000`; an unlabelled file: its path below the input, with `_`."""
     if files.defect_type == UNLABELLED:
-        return Path(files.file_id).name
+        return files.file_id.replace("/", "_")
     return f"{files.defect_type}_{Path(files.file_id).name}"
 
 
