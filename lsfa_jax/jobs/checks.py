@@ -98,8 +98,7 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 def check_inputs(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Everything `config.mode` will read, before it starts."""
-    selected_classes(config)
+    """Everything `config.mode` will read, before it starts (predict reads no dataset)."""
     if config.cache_dir:
         check_writable(Path(config.cache_dir), "config.cache_dir")
     if config.mode in NEEDS_DATA:
