@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PY) main.py --config=configs/synthetic.py --workdir=$(WORKDIR)/synthetic
 
 test: $(STAMP)
+	bash scripts/install_browser.sh
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

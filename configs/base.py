@@ -44,6 +44,25 @@ VARIANTS = {
     "reference": {f"adaptation.{k}": v for k, v in reference_code_overrides().items()},
 }
 
+# One line per variant for `python main.py --help`.
+VARIANT_HELP = {
+    "raw": "PatchCore on unadapted DINO / Point-MAE features (PatchCore*, ablation baseline)",
+    "fpfh": "PatchCore + FPFH point features (no weights needed)",
+    "ifc_only": "IFC losses only (Table 5, CLC off)",
+    "clc_only": "CLC losses only (Table 5, IFC off)",
+    "la_only": "CLC with the local term only, IFC off (Table 4)",
+    "ga_only": "CLC with the global term only, IFC off (Table 4)",
+    "lc_only": "IFC with the local term only, CLC off (Table 6)",
+    "gc_only": "IFC with the global term only, CLC off (Table 6)",
+    "linear": "linear adaptors (Table 7; the default is one encoder layer)",
+    "encoder2": "two encoder layers per adaptor (Table 7)",
+    "conv1x1": "1x1-convolution adaptors (Table 7)",
+    "fewshot5": "5 seeded training samples per class, adaptors and banks (Table 9)",
+    "fewshot10": "10 seeded training samples per class, adaptors and banks (Table 9)",
+    "fewshot50": "50 seeded training samples per class, adaptors and banks (Table 9)",
+    "reference": "the reference code's loss weights, banks, CLS and schedule (no paper row)",
+}
+
 
 def apply_variant(
     config: ml_collections.ConfigDict, variant: str, config_file: str
@@ -57,27 +76,28 @@ def apply_variant(
 
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # every random choice (init, coreset, shuffling) derives from it
     # lsfa: adapted DINO + Point-MAE features; raw: the same backbones without adaptation (the
     # paper's "PatchCore*" rows); fpfh: PatchCore on hand-made FPFH point features only.
     config.method = "lsfa"
-    config.mode = "train_eval"
+    config.mode = "train_eval"  # train_eval | eval | test | predict | prepare | convert | keys
     # mode=eval: the adaptor checkpoint folder (<workdir>/adaptation/checkpoints);
     # mode=test / predict: a model folder (<workdir>/model, movable).
     config.checkpoint = ""
     config.input = ""  # folder or sample for mode=predict
-    config.skip_bad_samples = False
+    config.skip_bad_samples = False  # True: leave unreadable samples out (listed), not fail
     config.overwrite = False  # mode=export: replace an existing export folder
+    config.debug = False  # True: user errors show their traceback too (or LSFA_DEBUG=1)
 
-    config.data_dir = ml_collections.FieldReference("", field_type=str)
+    config.data_dir = ml_collections.FieldReference("", field_type=str)  # raw dataset (read only)
     config.cache_dir = ""  # default: <workdir>/cache
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "mvtec3d"
+    config.data.name = "mvtec3d"  # mvtec3d | eyecandies | synthetic
     config.data.data_dir = config.get_ref("data_dir")
     config.data.classes = "all"  # or comma-separated names: "bagel,tire"
-    config.data.image_size = 224
-    config.data.preprocess = True
+    config.data.image_size = 224  # side of the square images the backbones see
+    config.data.preprocess = True  # remove the support plane and outlier points (RANSAC, DBSCAN)
     config.data.num_workers = 0  # 0: all CPU cores
     config.data.seed = config.get_ref("seed")
     # Own data (data.name=folder): clouds in other units are scaled to metres by xyz_scale; a
@@ -96,9 +116,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    config.allow_random_init = False
-    config.rgb_weights = ""
-    config.point_weights = ""
+    config.allow_random_init = False  # True: random backbones when no weights (not the paper)
+    config.rgb_weights = ""  # DINO ViT-B/8 checkpoint (.pth / .safetensors / .npz / orbax dir)
+    config.point_weights = ""  # Point-MAE pretrain.pth (or converted)
     config.rgb_backbone = ml_collections.ConfigDict(
         dict(patch_size=8, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4)
     )
@@ -131,7 +151,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # GPUs (and bf16 on AMX CPUs) and opt-in. Distances are float32 at HIGHEST whatever it is.
     config.precision = "highest"
     config.batch_size = 8  # feature extraction and scoring
-    config.grid_size = 56
+    config.grid_size = 56  # patch grid side of the features and banks
 
     config.patchcore = ml_collections.ConfigDict(
         dict(
@@ -163,8 +183,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.fusion = ml_collections.ConfigDict(
         dict(
             method="zscore",  # zscore | minmax | ocsvm
-            threshold_quantile=0.99,
+            # Image decision threshold per class and setting: auto (f1 when the validation split
+            # holds defects, else quantile) | f1 | quantile | fpr | manual
+            threshold_rule="auto",
+            threshold_quantile=0.99,  # rule quantile: this quantile of normal validation scores
+            threshold_target_fpr=0.01,  # rule fpr: highest false-alarm rate on normal validation
+            threshold_value=ml_collections.config_dict.placeholder(float),  # rule manual
+            # Pixel threshold (the predicted masks), the same rules over map pixels.
+            pixel_threshold_rule="auto",
+            pixel_threshold_quantile=0.99,  # rule quantile, over normal validation pixels
+            pixel_threshold_target_fpr=0.01,  # rule fpr
+            pixel_threshold_value=ml_collections.config_dict.placeholder(float),  # rule manual
         )
     )
-    config.report = ml_collections.ConfigDict(dict(num_overlays=4, plots=True))
+    config.report = ml_collections.ConfigDict(
+        dict(
+            num_overlays=4,  # overlay images per class and group (missed, false alarm, top)
+            plots=True,  # ROC and PRO curve images
+        )
+    )
     return config

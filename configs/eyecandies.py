@@ -12,7 +12,9 @@ intrinsics and pose and removes the table and far / wide points itself, writing 
 
 import ml_collections
 
-from configs.base import apply_variant, get_base_config
+from configs.base import VARIANT_HELP, apply_variant, get_base_config
+
+__all__ = ["VARIANT_HELP", "get_config"]
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -13,9 +13,9 @@ The paper's other rows are variants, chosen after a colon: `--config=configs/mvt
 
 import ml_collections
 
-from configs.base import VARIANTS, apply_variant, get_base_config
+from configs.base import VARIANT_HELP, VARIANTS, apply_variant, get_base_config
 
-__all__ = ["VARIANTS", "get_config"]
+__all__ = ["VARIANTS", "VARIANT_HELP", "get_config"]
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

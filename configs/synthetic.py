@@ -13,13 +13,15 @@ fewshot50 needs --config.data.synthetic.num_train=50 or more).
 
 import ml_collections
 
-from configs.base import apply_variant, get_base_config
+from configs.base import VARIANT_HELP, apply_variant, get_base_config
+
+__all__ = ["VARIANT_HELP", "get_config"]
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = get_base_config()
     config.data.name = "synthetic"
-    config.data_dir = "data/synthetic"
+    config.data_dir = ""  # empty: generated once into <cache_dir>/synthetic_raw (under the workdir)
     config.data.synthetic = ml_collections.ConfigDict(
         dict(
             classes=("sphere_cap", "box", "torus"),

@@ -420,3 +420,108 @@ def precision_recall_at(threshold: float, labels: np.ndarray, scores: np.ndarray
         fn=fn,
         notes=notes,
     )
+
+
+THRESHOLD_RULES = ("auto", "f1", "quantile", "fpr", "manual")
+
+
+def f1_optimal_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
+    """The threshold t maximising F1 of `scores > t` against labels (1 = anomalous), any shape.
+
+    Every distinct cut of the sorted scores is tried (O(n log n), so pixel maps fit too);
+    t is the midpoint between the lowest flagged and the highest unflagged score (just below
+    the minimum when everything is flagged). Among cuts of equal F1 the highest t wins (fewest
+    false alarms). Needs at least one anomalous and one normal entry.
+    """
+    where = "fusion.f1_optimal_threshold"
+    labels = np.asarray(labels).ravel()
+    scores = _finite_array(where, "scores", scores).ravel().astype(np.float64)
+    if labels.shape != scores.shape:
+        raise ValueError(f"{where}: {labels.size} labels for {scores.size} scores")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError(f"{where}: labels must be 0/1")
+    positives = int(labels.sum())
+    if positives == 0 or positives == labels.size:
+        raise ValueError(
+            f"{where}: needs both normal and anomalous entries; got {positives} of "
+            f"{labels.size} anomalous"
+        )
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], labels[order].astype(np.int64)
+    tp = np.cumsum(hits)
+    fp = np.arange(1, ranked.size + 1) - tp
+    # A cut may fall only between different scores: equal scores are flagged together.
+    cut = np.r_[ranked[:-1] != ranked[1:], True]
+    f1 = np.where(cut, 2 * tp / (tp + fp + positives), -1.0)
+    k = int(np.argmax(f1))  # the first maximum: the fewest flagged, i.e. the highest t
+    if k == ranked.size - 1:
+        return float(np.nextafter(ranked[-1], -np.inf))
+    return float((ranked[k] + ranked[k + 1]) / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdChoice:
+    """A decision threshold and the rule that gave it, for the model and the reports."""
+
+    value: float
+    rule: str  # f1 | quantile | fpr | manual
+    description: str  # e.g. "F1-optimal on 12 validation samples (4 anomalous)"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def choose_threshold(
+    rule: str,
+    normal_scores: ArrayLike,
+    *,
+    labels: ArrayLike | None = None,
+    scores: ArrayLike | None = None,
+    quantile: float = 0.99,
+    target_fpr: float = 0.01,
+    value: float | None = None,
+    what: str = "samples",
+) -> ThresholdChoice:
+    """The threshold of `rule` (THRESHOLD_RULES) for one class and setting.
+
+    normal_scores: scores (or map pixels) of normal validation samples, any shape.
+    labels, scores: validation entries with anomalies among them, for rule f1 (optional).
+    rule auto: f1 when `labels` holds anomalous and normal entries, else quantile.
+    quantile: the normal-quantile rule; fpr: the smallest threshold whose false-alarm rate on
+    the normal scores is <= target_fpr; manual: `value` itself. `what` names the entries in the
+    description ("samples", "pixels").
+    """
+    where = "fusion.choose_threshold"
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"{where}: rule {rule!r} not in {THRESHOLD_RULES}")
+    normal = np.asarray(normal_scores)
+    has_both = labels is not None and 0 < int(np.sum(np.asarray(labels) == 1)) < np.size(labels)
+    if rule == "auto":
+        rule = "f1" if has_both else "quantile"
+    if rule == "f1":
+        if not has_both:
+            raise ValueError(
+                f"{where}: rule f1 needs validation {what} with anomalies and normal ones; use "
+                "quantile, fpr or manual"
+            )
+        n_bad = int(np.sum(np.asarray(labels) == 1))
+        return ThresholdChoice(
+            f1_optimal_threshold(labels, scores),
+            "f1",
+            f"F1-optimal on {np.size(labels)} validation {what} ({n_bad} anomalous)",
+        )
+    if rule == "quantile":
+        return ThresholdChoice(
+            calibrate_threshold(normal, quantile=quantile),
+            "quantile",
+            f"{quantile:g} quantile of {normal.size} normal validation {what}",
+        )
+    if rule == "fpr":
+        return ThresholdChoice(
+            calibrate_threshold(normal, target_fpr=target_fpr),
+            "fpr",
+            f"false-alarm rate <= {target_fpr:g} on {normal.size} normal validation {what}",
+        )
+    if value is None or not np.isfinite(value):
+        raise ValueError(f"{where}: rule manual needs a finite value; got {value}")
+    return ThresholdChoice(float(value), "manual", f"manual value {float(value):g}")

@@ -28,6 +28,7 @@ from flax import traverse_util
 
 from lsfa_jax import fusion
 from lsfa_jax.atomic_io import atomic_write_bytes, atomic_write_json
+from lsfa_jax.errors import UserError
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.normalisation import FeatureStats
 
@@ -38,7 +39,7 @@ ADAPTOR_FILE = Path("adaptors") / "params.npz"
 BANK_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError, ValueError):
     """A model folder is incomplete, of another format or method, or does not fit the inputs."""
 
 

@@ -71,7 +71,7 @@ def test_bfloat16_banks_keep_the_metrics(runs: dict) -> None:
 
 def _heat_panel(path: Path, size: int) -> np.ndarray:
     image = np.asarray(Image.open(path))
-    return image[overlays.TITLE_HEIGHT :, 2 * size :]
+    return image[overlays.TITLE_HEIGHT :, size : 2 * size]
 
 
 def test_predict_colours_mean_the_same_score_in_separate_calls(
@@ -115,6 +115,12 @@ def test_predict_colours_mean_the_same_score_in_separate_calls(
         panels[current] = _heat_panel(Path(row["image"]), size)
     for row in rows.values():
         assert (row["map_vmin"], row["map_vmax"]) == (vmin, vmax)
-    same = ~region[0]
+    # The predicted-mask contour (map > the pixel threshold) follows each call's map, so its
+    # pixels are left out of the colour comparison.
+    contour = np.zeros(region[0].shape, bool)
+    for panel in panels.values():
+        contour |= np.all(panel == overlays.PRED_RGB, axis=-1)
+    same = ~region[0] & ~contour
+    assert same.sum() > 0.5 * same.size
     np.testing.assert_array_equal(panels["a"][same], panels["b"][same])
     assert np.any(panels["a"][region[0]] != panels["b"][region[0]])

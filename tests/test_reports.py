@@ -232,9 +232,12 @@ def test_threshold_table_round_trip(tmp_path):
             "threshold": "1.25",
             "precision": "0.8",
             "recall": "0.5",
+            "rule": "",
+            "pixel_threshold": "n/a",
+            "pixel_rule": "",
         }
     ]
-    assert "| tire | 1.25 | 0.800 | 0.500 |" in paths["md"].read_text()
+    assert "| tire | 1.25 | 0.800 | 0.500 | n/a | n/a | n/a |" in paths["md"].read_text()
     with pytest.raises(ValueError, match="lacks"):
         tables.write_threshold_table({"RGB": {"tire": {"threshold": 1.0}}}, tmp_path)
 
@@ -256,20 +259,98 @@ def test_overlay_panels_and_contour_positions():
     amap = rng.uniform(0, 2, size=(H, W)).astype(np.float32)
     panel = overlays.overlay_image(rgb, gt, amap, title="bagel 001", vmin=0.0, vmax=2.0)
     T = overlays.TITLE_HEIGHT
-    assert panel.shape == (T + H, 3 * W, 3) and panel.dtype == np.uint8
-    np.testing.assert_array_equal(panel[T:, :W], rgb)
+    assert panel.shape == (T + H, 2 * W + overlays.COLORBAR_WIDTH, 3) and panel.dtype == np.uint8
     boundary = (gt > 0) & ~ndimage.binary_erosion(gt > 0, border_value=0)
-    middle = panel[T:, W : 2 * W]
-    changed = np.any(middle != rgb, axis=-1)
+    truth = panel[T:, :W]
+    changed = np.any(truth != rgb, axis=-1)
     np.testing.assert_array_equal(changed, boundary)
-    assert np.all(middle[boundary] == overlays.CONTOUR_RGB)
+    assert np.all(truth[boundary] == overlays.CONTOUR_RGB)
     # Heat panel: an independent blend with matplotlib's colormap.
     import matplotlib
 
     colors = matplotlib.colormaps["jet"](np.clip(amap / 2.0, 0, 1))[..., :3] * 255
     want = 0.5 * rgb + 0.5 * np.round(colors)
-    assert np.max(np.abs(panel[T:, 2 * W :].astype(float) - want)) <= 0.5 + 1e-9
+    assert np.max(np.abs(panel[T:, W : 2 * W].astype(float) - want)) <= 0.5 + 1e-9
     assert np.any(panel[:T] < 128)  # the title was drawn
+    # The colour bar runs from vmax (top row) to vmin (bottom row) in the heat colours.
+    bar = panel[T:, 2 * W + 2 : 2 * W + 14]
+    rows = 2.0 - (np.arange(H) + 0.5) / H * 2.0
+    want_bar = np.round(matplotlib.colormaps["jet"](rows / 2.0)[:, :3] * 255)
+    np.testing.assert_array_equal(bar[:, 5], want_bar.astype(np.uint8))
+
+
+def test_overlay_predicted_mask_contour_and_threshold_on_the_bar():
+    from scipy import ndimage
+
+    from lsfa_jax.reports import overlays
+
+    H, W = 48, 40
+    rgb = np.full((H, W, 3), 90, np.uint8)
+    amap = np.zeros((H, W))
+    amap[10:30, 5:25] = 3.0
+    panel = overlays.overlay_image(
+        rgb, None, amap, title="t", vmin=0.0, vmax=4.0, pixel_threshold=1.5
+    )
+    T = overlays.TITLE_HEIGHT
+    np.testing.assert_array_equal(panel[T:, :W], rgb)  # no ground truth: plain RGB
+    predicted = amap > 1.5
+    boundary = predicted & ~ndimage.binary_erosion(predicted, border_value=0)
+    white = np.all(panel[T:, W : 2 * W] == overlays.PRED_RGB, axis=-1)
+    np.testing.assert_array_equal(white, boundary)
+    # The threshold line sits at the bar row of score 1.5: (4 - 1.5) / 4 of the height.
+    column = panel[T:, 2 * W + 5]
+    magenta = np.flatnonzero(np.all(column == overlays.THRESHOLD_RGB, axis=-1))
+    assert magenta.size and abs(magenta.mean() - 2.5 / 4 * H) <= 1.5
+
+
+def test_verdict_title_and_threshold_groups():
+    from lsfa_jax.reports import overlays
+
+    assert overlays.verdict_title("a", 2.0, 1.0, "rule x") == (
+        "a: ANOMALOUS, score 2 > threshold 1 (rule x)"
+    )
+    assert overlays.verdict_title("a", 1.0, 1.0) == "a: normal, score 1 <= threshold 1"
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    scores = np.array([0.9, 0.2, 0.6, 0.7, 0.1, 0.8, 0.3])
+    sel = overlays.select_overlay_samples(labels, scores, k=5, threshold=0.5)
+    # Brute force: what `score > 0.5` decides, ordered as documented.
+    assert sel["missed_defects"].tolist() == [1]
+    assert sel["false_alarms"].tolist() == [5, 3]
+    assert sel["top_defects"].tolist() == [0, 2]
+    assert overlays.select_overlay_samples(labels, scores, k=1, threshold=0.5)[
+        "false_alarms"
+    ].tolist() == [5]
+
+
+def test_prediction_files_at_the_input_resolution(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    from lsfa_jax.reports import overlays
+
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:8, 4:12] = 2.0
+    paths = overlays.save_prediction_files(
+        tmp_path,
+        "s",
+        np.zeros((16, 16, 3), np.uint8),
+        amap,
+        input_size=(32, 48),
+        title="s",
+        vmin=0.0,
+        vmax=2.0,
+        pixel_threshold=1.0,
+    )
+    full = tifffile.imread(paths["map"])
+    assert full.shape == (32, 48) and full.dtype == np.float32
+    # Bilinear upsampling keeps the range and the plateau's centre.
+    assert full.min() == 0.0 and full.max() == 2.0 and full[12, 24] == 2.0
+    mask = np.asarray(Image.open(paths["mask"]))
+    np.testing.assert_array_equal(mask, np.where(full > 1.0, 255, 0))
+    assert Image.open(paths["overlay"]).size == (
+        32 + overlays.COLORBAR_WIDTH,
+        16 + overlays.TITLE_HEIGHT,
+    )
 
 
 def test_overlay_png_and_bad_input(tmp_path):

@@ -96,6 +96,7 @@ def start_run(config_path: Path, raw: Path, workdir: Path) -> tuple[subprocess.P
             f"--config={config_path}",
             f"--workdir={workdir}",
             f"--config.data_dir={raw}",
+            "--verbose",  # the markers below are INFO records, on the console only with it
         ],
         cwd=REPO,
         stdout=handle,

@@ -20,8 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from lsfa_jax.errors import InputNotFoundError, UserError
 
-class CheckpointCorruptError(ValueError):
+
+class CheckpointCorruptError(UserError, ValueError):
     """A checkpoint's arrays do not match the digest saved with them."""
 
 
@@ -93,7 +95,7 @@ def load_adaptor_params(path: str | os.PathLike, step: int | None = None) -> dic
     """
     path = Path(path).resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        raise InputNotFoundError(f"{path}: no such checkpoint folder")
     if (path / "state").is_dir():
         directory, step = path.parent, int(path.name) if step is None else step
     else:
@@ -101,7 +103,7 @@ def load_adaptor_params(path: str | os.PathLike, step: int | None = None) -> dic
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint steps found")
+        raise InputNotFoundError(f"{path}: no checkpoint steps found")
     try:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(), digest=ocp.args.JsonRestore())
         restored = manager.restore(step, args=args)

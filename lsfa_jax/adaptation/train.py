@@ -73,6 +73,7 @@ from lsfa_jax.adaptation.checkpointing import Checkpointer
 from lsfa_jax.adaptation.losses import BANK_NAMES, LossConfig, lsfa_loss
 from lsfa_jax.atomic_io import atomic_write_text
 from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params, lsfa_model
+from lsfa_jax.summaries import SummaryWriter
 
 Batch = Mapping[str, Any]
 
@@ -175,6 +176,14 @@ def build_model(cfg: ml_collections.ConfigDict) -> LSFAModel:
         rgb_heads=cfg.rgb_heads,
         xyz_heads=cfg.xyz_heads,
     )
+
+
+def bank_fill(banks: Mapping[str, Bank]) -> dict[str, float]:
+    """{bank name: filled fraction}, averaged over the per-class banks."""
+    return {
+        name: float(np.mean(np.asarray(bank.count)) / bank.features.shape[1])
+        for name, bank in banks.items()
+    }
 
 
 def make_optimizer(
@@ -329,29 +338,6 @@ def check_batch(batch: Batch, cfg: ml_collections.ConfigDict, num_devices: int) 
     return out
 
 
-class _EventWriter:
-    """Scalars to TensorBoard event files through TF's core summary ops (tf.summary.scalar
-    itself needs the tensorboard package, which is not a dependency; TF is imported lazily)."""
-
-    def __init__(self, logdir: Path):
-        import tensorflow as tf
-
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(str(logdir))
-        self._metadata = tf.compat.v1.SummaryMetadata()
-        self._metadata.plugin_data.plugin_name = "scalars"
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        tf = self._tf
-        with self._writer.as_default(step=step):
-            for name, value in values.items():
-                tf.summary.write(name, tf.constant(value, tf.float32), metadata=self._metadata)
-
-    def close(self) -> None:
-        self._writer.flush()
-        self._writer.close()
-
-
 def _count_batches(batches_fn: Callable[[int], Iterable[Batch]]) -> int:
     batches = batches_fn(0)
     return len(batches) if hasattr(batches, "__len__") else sum(1 for _ in batches)
@@ -393,7 +379,8 @@ def train_adaptors(
         state = checkpointer.restore(state)
         logging.info("Resumed adaptation from step %d", int(state.step))
     train_step = make_train_step(build_model(cfg), cfg, mesh, total)
-    writer = _EventWriter(workdir / "tensorboard")
+    writer = SummaryWriter(workdir / "tensorboard")
+    schedule = lr_schedule(cfg, total)
 
     def position(epoch: int, index: int) -> dict[str, jax.Array]:
         # Placed like the rest of the state, so the jitted step sees one input sharding.
@@ -413,7 +400,12 @@ def train_adaptors(
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     values = {k: float(v) for k, v in terms.items()}
-                    writer.scalars({f"adaptation/{k}": v for k, v in values.items()}, step)
+                    logged = {f"adaptation/{k}": v for k, v in values.items()}
+                    logged["adaptation/learning_rate"] = float(
+                        schedule((step - 1) // cfg.accum_steps)
+                    )
+                    logged |= {f"bank_fill/{k}": v for k, v in bank_fill(state.banks).items()}
+                    writer.scalars(logged, step)
                     bar.set_postfix(loss=f"{values['total']:.4f}")
                     logging.info(
                         "step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in values.items())

@@ -56,6 +56,8 @@ import yaml
 from PIL import Image
 
 from lsfa_jax.atomic_io import atomic_write_bytes
+from lsfa_jax.data.mvtec3d import DataError
+from lsfa_jax.errors import InputNotFoundError
 
 EYECANDIES_CLASSES = (
     "CandyCane",
@@ -99,7 +101,7 @@ def _open_png(path: str | os.PathLike) -> Image.Image:
             image.load()
             return image
     except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"eyecandies: {path}: cannot decode the image ({error})") from error
+        raise DataError(f"eyecandies: {path}: cannot decode the image ({error})") from error
 
 
 def read_depth_range(yaml_path: str | os.PathLike) -> tuple[float, float]:
@@ -108,11 +110,11 @@ def read_depth_range(yaml_path: str | os.PathLike) -> tuple[float, float]:
         with open(yaml_path) as f:
             info = yaml.safe_load(f)
     except yaml.YAMLError as error:
-        raise ValueError(f"eyecandies: {yaml_path}: not valid YAML ({error})") from error
+        raise DataError(f"eyecandies: {yaml_path}: not valid YAML ({error})") from error
     norm = info.get("normalization") if isinstance(info, dict) else None
     lo, hi = (norm.get("min"), norm.get("max")) if isinstance(norm, dict) else (None, None)
     if not isinstance(lo, int | float) or not isinstance(hi, int | float) or not hi > lo > 0:
-        raise ValueError(
+        raise DataError(
             f"eyecandies: {yaml_path}: expected numeric 0 < normalization.min < normalization.max"
         )
     return float(lo), float(hi)
@@ -122,13 +124,13 @@ def read_depth(png_path: str | os.PathLike, yaml_path: str | os.PathLike) -> np.
     """(H, W) float32 depth: png / 65535 * (max - min) + min, in float32 as the reference."""
     image = _open_png(png_path)
     if image.mode not in _DEPTH_MODES:
-        raise ValueError(
+        raise DataError(
             f"eyecandies: {png_path}: expected a single-channel 16-bit depth PNG, "
             f"got PIL mode {image.mode!r}"
         )
     raw = np.asarray(image)
     if raw.min() < 0 or raw.max() > DEPTH_PNG_MAX:
-        raise ValueError(f"eyecandies: {png_path}: values outside the 16-bit range")
+        raise DataError(f"eyecandies: {png_path}: values outside the 16-bit range")
     lo, hi = read_depth_range(yaml_path)
     return raw.astype(np.float32) / np.float32(DEPTH_PNG_MAX) * np.float32(hi - lo) + np.float32(lo)
 
@@ -138,11 +140,11 @@ def read_pose(pose_path: str | os.PathLike) -> np.ndarray:
     try:
         pose = np.loadtxt(pose_path, dtype=np.float64)
     except ValueError as error:
-        raise ValueError(f"eyecandies: {pose_path}: not a numeric matrix ({error})") from error
+        raise DataError(f"eyecandies: {pose_path}: not a numeric matrix ({error})") from error
     if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
-        raise ValueError(f"eyecandies: {pose_path}: expected a finite 4x4 matrix, got {pose.shape}")
+        raise DataError(f"eyecandies: {pose_path}: expected a finite 4x4 matrix, got {pose.shape}")
     if abs(np.linalg.det(pose)) < 1e-12:
-        raise ValueError(f"eyecandies: {pose_path}: the pose matrix is singular")
+        raise DataError(f"eyecandies: {pose_path}: the pose matrix is singular")
     return pose
 
 
@@ -167,7 +169,7 @@ def back_project(
     """
     depth = np.asarray(depth, np.float32)
     if depth.ndim != 2 or not np.all(depth > 0):
-        raise ValueError(f"eyecandies: depth must be (H, W) and positive, got {depth.shape}")
+        raise DataError(f"eyecandies: depth must be (H, W) and positive, got {depth.shape}")
     h, w = depth.shape
     proj = intrinsics_4x4(h, w, focal_length) @ np.asarray(pose, np.float64)
     v, u = np.meshgrid(
@@ -196,7 +198,7 @@ def remove_background(
     dz, dy = top[1] - bottom[1], top[2] - bottom[2]
     norm = np.hypot(dz, dy)
     if not norm > 0:
-        raise ValueError("eyecandies: the two reference pixels coincide in (y, z)")
+        raise DataError("eyecandies: the two reference pixels coincide in (y, z)")
     c, s = dy / norm, dz / norm
     rotation = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
     start = np.array([0.0, bottom[1], bottom[2]])
@@ -216,14 +218,14 @@ def list_sample_ids(data_dir: str | os.PathLike) -> list[str]:
     """Sorted sample ids NNN of an Eyecandies `.../data` folder (from NNN_image_4.png)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"eyecandies: {data_dir} is not a folder")
+        raise InputNotFoundError(f"eyecandies: {data_dir} is not a folder")
     return sorted(p.name[: -len(RGB_SUFFIX)] for p in data_dir.glob(f"*{RGB_SUFFIX}"))
 
 
 def _required(data_dir: Path, sample_id: str, suffix: str) -> Path:
     path = data_dir / f"{sample_id}{suffix}"
     if not path.is_file():
-        raise FileNotFoundError(f"eyecandies: {path} is missing for sample {sample_id}")
+        raise InputNotFoundError(f"eyecandies: {path} is missing for sample {sample_id}")
     return path
 
 
@@ -248,7 +250,7 @@ def read_sample(
     xyz, _ = remove_background(back_project(depth, pose), rule)
     size = _open_png(rgb_path).size
     if size != (depth.shape[1], depth.shape[0]):
-        raise ValueError(f"eyecandies: {rgb_path} is {size} but the depth map is {depth.shape}")
+        raise DataError(f"eyecandies: {rgb_path} is {size} but the depth map is {depth.shape}")
     out: dict[str, np.ndarray | bytes] = {"rgb_png": rgb_path.read_bytes(), "xyz": xyz}
     if with_mask:
         mask_path = _required(data_dir, sample_id, "_mask.png")
@@ -256,7 +258,7 @@ def read_sample(
         if mask.ndim == 3:
             mask = mask.max(axis=-1)
         if mask.shape != depth.shape:
-            raise ValueError(f"eyecandies: {mask_path} is {mask.shape}, depth is {depth.shape}")
+            raise DataError(f"eyecandies: {mask_path} is {mask.shape}, depth is {depth.shape}")
         out["mask"] = (mask > 0).astype(np.uint8)
     return out
 
@@ -285,7 +287,7 @@ def _output_ids(data_dir: Path, ids: list[str]) -> list[str]:
     """Source ids zero-padded to three digits (the reference's names); must stay distinct."""
     out = [i.zfill(3) for i in ids]
     if len(set(out)) != len(out):
-        raise ValueError(f"eyecandies: {data_dir}: sample ids collide once padded: {ids}")
+        raise DataError(f"eyecandies: {data_dir}: sample ids collide once padded: {ids}")
     return out
 
 
@@ -306,10 +308,10 @@ def convert_eyecandies(
     """
     src_root, dst_root = Path(src_root).resolve(), Path(dst_root).resolve()
     if dst_root == src_root or src_root in dst_root.parents:
-        raise ValueError(f"eyecandies: destination {dst_root} lies inside the source {src_root}")
+        raise DataError(f"eyecandies: destination {dst_root} lies inside the source {src_root}")
     unknown = [c for c in classes if c not in EYECANDIES_CLASSES]
     if unknown:
-        raise ValueError(f"eyecandies: unknown classes {unknown}; expected {EYECANDIES_CLASSES}")
+        raise DataError(f"eyecandies: unknown classes {unknown}; expected {EYECANDIES_CLASSES}")
     counts: dict[str, dict[str, int]] = {}
     for cls in classes:
         counts[cls] = {}
@@ -317,7 +319,7 @@ def convert_eyecandies(
             data_dir = src_root / cls / src_split / "data"
             ids = list_sample_ids(data_dir)
             if not ids:
-                raise FileNotFoundError(f"eyecandies: no *{RGB_SUFFIX} in {data_dir}")
+                raise InputNotFoundError(f"eyecandies: no *{RGB_SUFFIX} in {data_dir}")
             is_test = split == "test"
             for sample_id, out_id in zip(ids, _output_ids(data_dir, ids), strict=True):
                 sample = read_sample(data_dir, sample_id, with_mask=is_test, rule=rule)

@@ -19,6 +19,8 @@ import tifffile
 from absl import logging
 from PIL import Image
 
+from lsfa_jax.errors import UserError
+
 MVTEC3D_CLASSES = (
     "bagel",
     "cable_gland",
@@ -38,7 +40,7 @@ _RGB_MODES = frozenset({"RGB", "RGBA", "L", "P"})
 _GT_MODES = frozenset({"L", "1", "P"})
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file or folder is missing or malformed; the message names it."""
 
 

@@ -15,21 +15,22 @@ import json
 from pathlib import Path
 
 import ml_collections
-import tensorflow_datasets as tfds
 from absl import logging
 
 from lsfa_jax.atomic_io import atomic_write_json
-from lsfa_jax.data import eyecandies, folder, mvtec3d, preprocess, synthetic, tfds_builders
+from lsfa_jax.data import eyecandies, folder, mvtec3d, synthetic
 
 # Bump when a change in this package changes the prepared arrays.
 CODE_VERSION = 1
 DATASETS = ("mvtec3d", "synthetic", "eyecandies", "folder")
 
 
-def plane_params(data_cfg: ml_collections.ConfigDict) -> preprocess.PlaneRemovalParams | None:
-    """The plane-removal parameters of `config.data`, or None when preprocessing is off."""
+def plane_params(data_cfg: ml_collections.ConfigDict):
+    """The `preprocess.PlaneRemovalParams` of `config.data`, or None when preprocessing is off."""
     if not data_cfg.preprocess:
         return None
+    from lsfa_jax.data import preprocess  # open3d: imported only when data is prepared
+
     return preprocess.PlaneRemovalParams(**data_cfg.plane.to_dict())
 
 
@@ -130,6 +131,11 @@ def prepare_dataset(
     Returns:
       class name -> prepared dataset folder, for `tfds.builder_from_directory` / `pipeline`.
     """
+    # TensorFlow and open3d load here, not at import: the checks before a run stay fast.
+    import tensorflow_datasets as tfds
+
+    from lsfa_jax.data import tfds_builders
+
     if not data_cfg.data_dir:
         raise ValueError("config.data.data_dir is empty: set it to the raw dataset folder")
     raw_root = Path(data_cfg.data_dir)
@@ -147,6 +153,8 @@ def prepare_dataset(
         converted = Path(cache_dir) / f"eyecandies_mvtec-{eyecandies.CONVERSION}"
         raw_root = converted_eyecandies(raw_root, converted, classes)
 
+    # One bar per split comes from the builders; TFDS's own nested bars would garble it.
+    tfds.disable_progress_bar()
     builder_cls = tfds_builders.BUILDERS[
         "mvtec3d" if data_cfg.name == "eyecandies" else data_cfg.name
     ]

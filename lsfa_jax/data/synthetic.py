@@ -33,6 +33,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from lsfa_jax import console
+from lsfa_jax.atomic_io import file_mode, make_temp_dir
+
 SHAPES = ("sphere_cap", "box", "torus")
 DEFECT_TYPES = ("geometric", "colour", "both")
 DEFECT_CODES = {"geometric": 255, "colour": 254, "both": 253}
@@ -274,6 +277,7 @@ def _write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, file_mode())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -341,7 +345,9 @@ def _run(tasks: Iterable, num_workers: int) -> None:
         for task in tasks:
             _write_sample(task)
         return
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        num_workers, initializer=console.ignore_interrupt
+    ) as pool:
         for _ in pool.imap_unordered(_write_sample, tasks, chunksize=8):
             pass
 
@@ -359,7 +365,7 @@ def generate_dataset(root: str | Path, cfg: SyntheticConfig, num_workers: int = 
     if root.exists() and not (root / MARKER).is_file() and any(root.iterdir()):
         raise FileExistsError(f"{root}: not empty and not a synthetic dataset; refusing to write")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    tmp = make_temp_dir(root.parent, prefix=f".{root.name}.tmp-")
     try:
         _run([(cfg, tmp, task) for task in _sample_tasks(cfg)], num_workers)
         for class_name in cfg.classes:

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
+from lsfa_jax import console
 from lsfa_jax.data import folder, mvtec3d, preprocess, synthetic
 
 LAYOUTS = ("mvtec3d", "folder")
@@ -85,17 +86,23 @@ def resolve_workers(num_workers: int) -> int:
     return num_workers if num_workers > 0 else os.cpu_count() or 1
 
 
+def _init_worker() -> None:
+    console.ignore_interrupt()
+    preprocess.use_one_thread()
+
+
 def make_pool(num_workers: int) -> multiprocessing.pool.Pool | None:
     """A spawn pool (TensorFlow is never forked) of `num_workers` (0: all cores); None for 1.
 
     The processes are the only level of parallelism: each runs single-threaded
     (`preprocess.use_one_thread`), so the default keeps every core busy without
     oversubscribing them (the writer in this process adds little).
+    Workers also ignore SIGINT: an error in a worker is raised once, in the parent, by `imap`.
     """
     workers = resolve_workers(num_workers)
     if workers <= 1:
         return None
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=preprocess.use_one_thread)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
 
 
 def _prepared_samples(
@@ -128,6 +135,15 @@ class _PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """`pool` prepares the samples (see `make_pool`); None prepares them in this process."""
         self._pool = pool
         super().__init__(**kwargs)
+
+    # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+    # to stdout for what is a local folder; the prepare step's own line says what happens, so
+    # these two go to run.log only.
+    def _log_download_bytes(self) -> None:
+        logging.info("TFDS: preparing %s into %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("TFDS: %s prepared in %s", self.name, self.data_dir)
 
     @tfds.core.utils.classproperty
     @classmethod

@@ -114,29 +114,110 @@ def setting_outputs(per_modality: Outputs, fused: fusion.Fusion | None) -> Outpu
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdSettings:
+    """`config.fusion`'s threshold rules for images and pixels (fusion.THRESHOLD_RULES)."""
+
+    rule: str = "auto"
+    quantile: float = 0.99
+    target_fpr: float = 0.01
+    value: float | None = None
+    pixel_rule: str = "auto"
+    pixel_quantile: float = 0.99
+    pixel_target_fpr: float = 0.01
+    pixel_value: float | None = None
+
+    @classmethod
+    def from_config(cls, fusion_cfg: Mapping) -> ThresholdSettings:
+        get = fusion_cfg.get
+        return cls(
+            rule=get("threshold_rule", "auto"),
+            quantile=float(get("threshold_quantile", 0.99)),
+            target_fpr=float(get("threshold_target_fpr", 0.01)),
+            value=get("threshold_value", None),
+            pixel_rule=get("pixel_threshold_rule", "auto"),
+            pixel_quantile=float(get("pixel_threshold_quantile", 0.99)),
+            pixel_target_fpr=float(get("pixel_threshold_target_fpr", 0.01)),
+            pixel_value=get("pixel_threshold_value", None),
+        )
+
+
+def class_thresholds(
+    scores: np.ndarray,
+    maps: np.ndarray,
+    settings: ThresholdSettings,
+    *,
+    labels: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+) -> dict:
+    """The image and pixel thresholds of one setting from its validation outputs: scores (N,),
+    maps (N, S, S), with labels (N,) / masks (N, S, S) when the split holds defects. The
+    record keeps each value, its rule and the rule's description."""
+    normal = slice(None) if labels is None else np.asarray(labels) == 0
+    image = fusion.choose_threshold(
+        settings.rule,
+        scores[normal],
+        labels=labels,
+        scores=scores,
+        quantile=settings.quantile,
+        target_fpr=settings.target_fpr,
+        value=settings.value,
+    )
+    pixel = fusion.choose_threshold(
+        settings.pixel_rule,
+        maps[normal],
+        labels=masks,
+        scores=maps,
+        quantile=settings.pixel_quantile,
+        target_fpr=settings.pixel_target_fpr,
+        value=settings.pixel_value,
+        what="pixels",
+    )
+    return {
+        "threshold": image.value,
+        "rule": image.rule,
+        "description": image.description,
+        "pixel_threshold": pixel.value,
+        "pixel_rule": pixel.rule,
+        "pixel_description": pixel.description,
+    }
+
+
 def calibrate_class(
-    validation: Outputs, *, fusion_method: str, threshold_quantile: float
+    validation: Outputs,
+    *,
+    fusion_method: str,
+    threshold_quantile: float = 0.99,
+    thresholds: ThresholdSettings | None = None,
+    labels: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
 ) -> ClassModel:
-    """Fusion, decision thresholds and map colour scales from the normal validation samples'
-    per-modality outputs."""
+    """Fusion, decision thresholds and map colour scales from the validation samples'
+    per-modality outputs (normal ones, unless `labels` (N,) marks defects among them; `masks`
+    (N, S, S) are their ground truth). `thresholds` defaults to the normal-quantile rule at
+    `threshold_quantile` for images and pixels."""
+    if thresholds is None:
+        thresholds = ThresholdSettings(
+            rule="quantile",
+            quantile=threshold_quantile,
+            pixel_rule="quantile",
+            pixel_quantile=threshold_quantile,
+        )
+    normal = slice(None) if labels is None else np.asarray(labels) == 0
     fused = None
     if len(validation) == 2:
         fused = fusion.fit_fusion(
-            {m: v[0] for m, v in validation.items()},
-            {m: v[1] for m, v in validation.items()},
+            {m: v[0][normal] for m, v in validation.items()},
+            {m: v[1][normal] for m, v in validation.items()},
             fusion_method,
         )
     per_setting = setting_outputs(validation, fused)
-    thresholds = {
-        s: {
-            "threshold": fusion.calibrate_threshold(v[0], quantile=threshold_quantile),
-            "rule": "normal_quantile",
-            "quantile": float(threshold_quantile),
-        }
+    records = {
+        s: class_thresholds(v[0], v[1], thresholds, labels=labels, masks=masks)
         for s, v in per_setting.items()
     }
-    scales = {s: overlays.fixed_scale(v[1]) for s, v in per_setting.items()}
-    return ClassModel(fusion=fused, thresholds=thresholds, map_scale=scales)
+    scales = {s: overlays.fixed_scale(v[1][normal]) for s, v in per_setting.items()}
+    return ClassModel(fusion=fused, thresholds=records, map_scale=scales)
 
 
 def test_class(model: ClassModel, test: Outputs, split: LabelledSplit) -> ClassResult:
@@ -152,13 +233,18 @@ def test_class(model: ClassModel, test: Outputs, split: LabelledSplit) -> ClassR
         result.per_defect[setting] = metrics.per_defect_metrics(
             split.defect_types, labels, scores, split.masks, maps
         )
-        threshold = float(model.thresholds[setting]["threshold"])
+        stored = model.thresholds[setting]
+        threshold = float(stored["threshold"])
         stats = fusion.precision_recall_at(threshold, labels, scores)
         result.thresholds[setting] = {
             "threshold": threshold,
             "precision": float(stats.precision),
             "recall": float(stats.recall),
+            "rule": stored.get("description", stored.get("rule", "")),
         }
+        if "pixel_threshold" in stored:
+            result.thresholds[setting]["pixel_threshold"] = float(stored["pixel_threshold"])
+            result.thresholds[setting]["pixel_rule"] = stored.get("pixel_description", "")
         if len(set(labels.tolist())) == 2:
             roc = metrics.roc_curve_points(labels, scores)[:2]
             pro = (

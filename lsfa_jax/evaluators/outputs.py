@@ -6,11 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from lsfa_jax.atomic_io import atomic_write_json
 from lsfa_jax.evaluators.class_eval import ClassResult, LabelledSplit
 from lsfa_jax.model_folder import ClassModel
-from lsfa_jax.reports import overlays, paper_results, plots, tables
+from lsfa_jax.reports import html, overlays, paper_results, plots, tables
+from lsfa_jax.summaries import SummaryWriter
 
 
 def write_class_outputs(
@@ -48,6 +50,9 @@ def write_class_outputs(
             k=num_overlays,
             sample_names=[i.replace("/", "_") for i in split.file_id],
             scale=model.map_scale[main],
+            threshold=float(model.thresholds[main]["threshold"]),
+            rule=model.thresholds[main].get("description", ""),
+            pixel_threshold=model.thresholds[main].get("pixel_threshold"),
         )
     if draw_plots and result.curves:
         plots.plot_roc(
@@ -86,7 +91,8 @@ class RunResults:
 def write_run_reports(
     results: RunResults, out_dir: Path, *, method: str, dataset: str
 ) -> dict[str, Path]:
-    """results/results.{md,json,csv}, thresholds.*, per_defect.*; returns the tables' paths.
+    """results/results.{md,json,csv}, thresholds.*, per_defect.*, index.html (from the files
+    under out_dir's parent, the workdir); returns the tables' and the page's paths.
     The paper's numbers stand beside ours for the datasets whose numbers are transcribed."""
     paper_method = method if dataset in paper_results.DATASETS else None
     paths = tables.write_result_tables(
@@ -94,4 +100,26 @@ def write_run_reports(
     )
     tables.write_threshold_table(results.thresholds, out_dir, dataset=dataset)
     tables.write_per_defect(results.per_defect, out_dir)
+    paths["html"] = html.write_index(out_dir.parent, title=f"lsfa-jax: {dataset}, method {method}")
+    write_eval_summaries(out_dir.parent, results)
     return paths
+
+
+def write_eval_summaries(workdir: Path, results: RunResults, images_per_class: int = 3) -> None:
+    """tensorboard/eval: every class's metrics per setting ("<class>/<setting>/<metric>") and
+    its first `images_per_class` overlays (by file name: missed defects, false alarms, ...)."""
+    writer = SummaryWriter(workdir / "tensorboard" / "eval")
+    try:
+        for setting, per_class in results.metrics.items():
+            for class_name, values in per_class.items():
+                writer.scalars({f"{class_name}/{setting}/{k}": v for k, v in values.items()}, 0)
+        classes = {c for per_class in results.metrics.values() for c in per_class}
+        for class_name in sorted(classes):
+            folder = workdir / "images" / class_name
+            for path in sorted(folder.glob("*.png"))[:images_per_class] if folder.is_dir() else []:
+                with Image.open(path) as image:
+                    writer.images(
+                        {f"{class_name}/{path.stem}": np.asarray(image.convert("RGB"))}, 0
+                    )
+    finally:
+        writer.close()

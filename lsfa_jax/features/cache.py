@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from lsfa_jax.atomic_io import make_temp_dir
 from lsfa_jax.data import pipeline
 
 Extractor = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -87,7 +87,7 @@ def split_features(
 
     count = pipeline.num_examples(prepared, class_name, split)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = make_temp_dir(final.parent, prefix=f".{final.name}.")
     try:
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, list] = {"file_id": [], "label": [], "defect_type": [], "arrays": []}

@@ -24,12 +24,13 @@ import numpy as np
 from absl import logging
 
 from lsfa_jax.batching import pad_batch
+from lsfa_jax.errors import UserError
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.precision import config_policy
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Backbone weights are missing and random initialisation was not allowed."""
 
 
@@ -69,11 +70,12 @@ def _file_identity(path: str) -> str:
     return f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _random_warning(modality: str) -> None:
+def _random_warning(modalities: list[str]) -> None:
     logging.warning(
-        "=" * 70 + "\n%s backbone: RANDOM INITIALISATION (config.allow_random_init=True).\n"
-        "Features are NOT pretrained; results say nothing about the paper's method.\n" + "=" * 70,
-        modality,
+        "%s backbone%s: RANDOM INITIALISATION (config.allow_random_init=True): features are "
+        "NOT pretrained, results say nothing about the paper's method",
+        " and ".join(modalities),
+        "s" if len(modalities) > 1 else "",
     )
 
 
@@ -99,7 +101,6 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
             weight_files[modality] = str(path)
             random_init[modality] = False
         elif config.allow_random_init:
-            _random_warning(modality.upper())
             weight_files[modality] = f"random-init (seed {config.seed})"
             random_init[modality] = True
         else:
@@ -109,6 +110,8 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
                 "--config.allow_random_init=True to run with random weights (not the paper)."
             )
 
+    if any(random_init.values()):
+        _random_warning([m.upper() for m, random in random_init.items() if random])
     if random_init["rgb"]:
         rgb_params = vit.init_random_vit_params(key_rgb, rgb_cfg)
     else:

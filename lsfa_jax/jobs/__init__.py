@@ -6,6 +6,8 @@ import os
 
 import ml_collections
 
+from lsfa_jax import console
+from lsfa_jax.jobs.checks import check_inputs
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir
 
 MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert", "export")
@@ -19,6 +21,15 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
     if config.method not in METHODS:
         raise ConfigError(f"config.method={config.method!r}: expected one of {METHODS}")
     path = prepare_workdir(workdir)
+    console.stage(
+        "%s, method %s, %s: output in %s (log: run.log)",
+        config.mode,
+        config.method,
+        config.data.name,
+        path,
+    )
+    check_inputs(config, path)  # seconds, before any long work
+    console.import_tensorflow_quietly()  # the jobs' data pipeline needs it
     if config.mode == "prepare":
         from lsfa_jax.jobs.prepare import run_prepare
 

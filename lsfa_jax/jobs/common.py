@@ -3,7 +3,6 @@ prepared data, and the run config of a saved model."""
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.data import mvtec3d, prepare
+from lsfa_jax.errors import UserError
 from lsfa_jax.model_folder import (
     BANK_DTYPES,
     ModelInfo,
@@ -24,7 +25,7 @@ from lsfa_jax.models.adaptors import AdaptorSettings
 from lsfa_jax.patchcore.scorer import SEARCHES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The config asks for something that cannot be done; the message says what to change."""
 
 
@@ -72,15 +73,21 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
             pass
     except OSError as error:
         raise ConfigError(f"workdir {path}: not writable ({error.strerror or error})") from error
-    handler = std_logging.FileHandler(path / "run.log")
-    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.get_absl_logger().addHandler(handler)
+    console.add_log_file(path / "run.log")
     return path
 
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """Where prepared data and cached features live (shared between runs when set explicitly)."""
     return Path(config.cache_dir) if config.cache_dir else workdir / "cache"
+
+
+def raw_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    """`config.data.data_dir`; for the synthetic dataset left empty, a folder of the cache (the
+    generated data belongs to the run, never to the current directory)."""
+    if config.data.data_dir or config.data.name != "synthetic":
+        return config.data.data_dir
+    return str(cache_dir(config, workdir) / "synthetic_raw")
 
 
 def prepared_dataset(
@@ -91,6 +98,13 @@ def prepared_dataset(
     """class -> prepared dataset folder of `splits`, for the configured classes."""
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     data_cfg.classes = ",".join(selected_classes(config))
+    console.stage(
+        "preparing data (%s, %s) into %s (done once, then found in the cache)",
+        data_cfg.classes.replace(",", ", "),
+        "/".join(splits),
+        cache_dir(config, workdir) / "prepared",
+    )
+    data_cfg.data_dir = raw_data_dir(config, workdir)
     data_cfg.skip_bad_samples = bool(config.skip_bad_samples)
     return prepare.prepare_dataset(data_cfg, cache_dir(config, workdir), splits)
 

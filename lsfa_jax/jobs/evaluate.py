@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
 from lsfa_jax.evaluators import banks as bank_eval
 from lsfa_jax.evaluators import class_eval, outputs
@@ -160,7 +162,8 @@ def evaluate_one_class(
     model = class_eval.calibrate_class(
         validation,
         fusion_method=config.fusion.method,
-        threshold_quantile=config.fusion.threshold_quantile,
+        thresholds=class_eval.ThresholdSettings.from_config(config.fusion),
+        labels=np.asarray(splits["validation"].label),
     )
     save_class_model(out / "model" / class_name / "fusion.json", model)
     split = class_eval.read_labelled_split(
@@ -207,6 +210,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         for modality, path in source.backbones.weight_files.items():
             is_random = source.backbones.random_init[modality]
             manifest.add_weights(modality, None if is_random else path, random_init=is_random)
+    console.stage("extracting %s features into %s", config.method, cache_dir(config, workdir))
     with manifest.stage("features"):
         for class_name in classes:
             for split in ("train", "validation", "test"):
@@ -224,6 +228,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
     results = outputs.RunResults()
     for class_name in classes:
+        console.stage(
+            "%s: memory banks, scores, thresholds, images -> %s", class_name, workdir / "images"
+        )
         with manifest.stage(f"evaluate/{class_name}"):
             result = evaluate_one_class(config, class_name, source, adaptors, padded, workdir)
         results.add(class_name, result)
@@ -256,8 +263,8 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         random_note = " (RANDOMLY INITIALISED backbones: not the paper's features)"
     print(
         f"\nResults{random_note}: {paths['md']}\n"
-        f"Anomaly-map overlays: {workdir / 'images'}\nCurves: {workdir / 'plots'}\n"
         f"Model for mode=test / predict (movable): {model_dir}\n"
-        f"Total time: {time.time() - started:.0f} s"
+        f"Total time: {time.time() - started:.0f} s\n"
+        f"Report (tables, curves, images): {paths['html']}"
     )
     return results.metrics

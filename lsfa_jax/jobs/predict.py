@@ -11,8 +11,10 @@ Each sample is prepared as the model's training data were (its image size, plane
 seeds; `data.xyz_scale` of this run converts the input's unit), scored per modality, fused with
 the stored fusion, and compared with the stored threshold. When the inputs sit in defect folders
 (`test/cut/xyz/000.tiff`), their labels are known and the metrics are reported as well.
-Writes `predictions.json` / `predictions.csv` and one anomaly-map image per sample on the
-model's fixed colour scale; image names keep the defect folder (`cut_000`).
+Writes `predictions.json` / `predictions.csv` and per sample, in `predictions/`, the raw
+anomaly map at the input's resolution (`<name>_map.tiff`, float32), the predicted mask
+(`<name>_mask.png`, map > the stored pixel threshold) and an overlay on the model's fixed
+colour scale (`<name>_overlay.png`); names keep the defect folder (`cut_000`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from lsfa_jax import console
 from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
 from lsfa_jax.data import folder, mvtec3d, prepare, preprocess
 from lsfa_jax.data.pipeline import normalise_rgb
@@ -169,6 +173,13 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     stored = load_class_model(model_dir / class_name / "fusion.json")
     banks = {m: load_bank(model_dir / class_name / f"{m}.npz") for m in info.modalities}
     samples = find_samples(Path(config.input))
+    console.stage(
+        "scoring %d inputs from %s with class %s of %s",
+        len(samples),
+        config.input,
+        class_name,
+        model_dir,
+    )
     inputs = prepared_inputs(run, samples)
     source = feature_source(run, {}, workdir)
     features = source.extract_in_batches(inputs)
@@ -184,21 +195,31 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     settings = class_eval.setting_outputs(per_modality, stored.fusion)
     main = class_eval.FUSED if class_eval.FUSED in settings else "3D"
     threshold = float(stored.thresholds[main]["threshold"])
+    pixel_threshold = stored.thresholds[main].get("pixel_threshold")
+    rule = stored.thresholds[main].get("description", "")
     vmin, vmax = stored.map_scale[main]
     scores, maps = settings[main]
+    labelled = labelled_split(samples, inputs) is not None
     rows = []
+    console.stage("writing maps, masks and overlays to %s", workdir / "predictions")
     for i, files in enumerate(samples):
         name = sample_name(files)
-        image_path = workdir / "predictions" / f"{name}.png"
-        overlays.save_overlay_png(
-            image_path,
+        with Image.open(files.rgb_path) as original:
+            input_size = (original.height, original.width)
+        written = overlays.save_prediction_files(
+            workdir / "predictions",
+            name,
             inputs["rgb_uint8"][i],
-            inputs["mask"][i],
             np.asarray(maps[i]),
-            title=f"{name}: score {float(scores[i]):.3f} (threshold {threshold:.3f})",
+            input_size=input_size,
+            title=overlays.verdict_title(name, float(scores[i]), threshold),
+            note=f"image threshold: {rule}" if rule else "",
             vmin=vmin,
             vmax=vmax,
+            pixel_threshold=pixel_threshold,
+            gt_mask=inputs["mask"][i] if labelled else None,
         )
+        image_path = written["overlay"]
         rows.append(
             {
                 "input": str(files.xyz_path),
@@ -213,6 +234,9 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
                 "map_vmax": vmax,
                 **{f"score_{s}": float(v[0][i]) for s, v in settings.items()},
                 "image": str(image_path),
+                "map": str(written["map"]),
+                "mask": str(written["mask"]) if "mask" in written else None,
+                "pixel_threshold": pixel_threshold,
             }
         )
     write_predictions(workdir, rows)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import ml_collections
-from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.atomic_io import atomic_write_text
 from lsfa_jax.data import pipeline
 from lsfa_jax.jobs.common import prepared_dataset
@@ -29,5 +29,5 @@ def run_prepare(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, s
     out = workdir / "dataset_summary.md"
     atomic_write_text(out, table + "\n")
     print(table)
-    logging.info("Prepared %d classes; summary written to %s", len(prepared), out)
+    console.stage("prepared %d classes; summary in %s", len(prepared), out)
     return prepared

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
+from lsfa_jax import console
 from lsfa_jax.evaluators import class_eval, outputs
 from lsfa_jax.features.source import feature_source
 from lsfa_jax.jobs.common import (
@@ -44,6 +45,7 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     scoring = ScoringSettings.from_mapping(info.scoring)
     results = outputs.RunResults()
     for class_name in classes:
+        console.stage("%s: scores, metrics, images -> %s", class_name, workdir / "images")
         with manifest.stage(f"test/{class_name}"):
             banks = {m: load_bank(model_dir / class_name / f"{m}.npz") for m in info.modalities}
             model = load_class_model(model_dir / class_name / "fusion.json")
@@ -75,7 +77,7 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     print(tables.format_console_table(results.metrics, notes=results.notes, dataset=run.data.name))
     print(
         f"\nResults of model {model_dir}: {paths['md']}\n"
-        f"Anomaly-map overlays: {workdir / 'images'}\nCurves: {workdir / 'plots'}\n"
-        f"Total time: {time.time() - started:.0f} s"
+        f"Total time: {time.time() - started:.0f} s\n"
+        f"Report (tables, curves, images): {paths['html']}"
     )
     return results.metrics

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import logging
 
+from lsfa_jax import console
 from lsfa_jax.adaptation.train import train_adaptors
 from lsfa_jax.data.few_shot import few_shot_indices
 from lsfa_jax.features.cache import SplitFeatures
+from lsfa_jax.jobs.common import ConfigError
 
 
 def adaptation_config(
@@ -56,7 +57,7 @@ def make_batches_fn(
     """batches_fn(epoch): seeded shuffle of `pairs` per epoch, full batches only (drop_last).
     With `rotated` (class -> split holding `rgb_rot`) the batches carry `rgb_rot` too."""
     if len(pairs) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"adaptation: {len(pairs)} training samples is fewer than one batch ({batch_size}); "
             "lower config.adaptation.batch_size"
         )
@@ -96,11 +97,13 @@ def train_lsfa(
         )
     pairs = training_indices(train, int(config.adaptation.few_shot), config.seed)
     steps_per_epoch = len(pairs) // cfg.batch_size
-    logging.info(
-        "Adaptation: %d samples over %d classes, %d batches per epoch",
+    console.stage(
+        "training the LSFA adaptors: %d samples over %d classes, %d batches per epoch; "
+        "checkpoints and TensorBoard logs in %s",
         len(pairs),
         len(train),
         steps_per_epoch,
+        workdir / "adaptation",
     )
     state = train_adaptors(
         cfg,

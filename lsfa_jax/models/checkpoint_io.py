@@ -22,8 +22,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from lsfa_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not match the model; names the file."""
 
 
@@ -85,6 +87,30 @@ def _rebuild_tensor_v2(
     return np.array(view, order="C", copy=True)
 
 
+def _rebuild_tensor_header(
+    storage: np.ndarray,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    backward_hooks: Any,
+    metadata: Any = None,
+) -> np.ndarray:
+    """`_rebuild_tensor_v2` for `read_header`: the same checks, a zero-byte stand-in of the
+    tensor's shape and dtype (np.broadcast_to of a scalar) instead of a copy."""
+    del requires_grad, backward_hooks, metadata
+    size, stride = tuple(size), tuple(stride)
+    if any(s < 0 for s in size) or any(s < 0 for s in stride) or len(size) != len(stride):
+        raise _CorruptTensorError(f"bad size {size} / stride {stride}")
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if 0 not in size and (storage_offset < 0 or last >= storage.size):
+        raise _CorruptTensorError(
+            f"tensor of size {size}, stride {stride}, offset {storage_offset} "
+            f"reaches past its storage of {storage.size} elements"
+        )
+    return np.broadcast_to(np.zeros((), storage.dtype), size)
+
+
 def _rebuild_parameter(data: np.ndarray, requires_grad: bool, backward_hooks: Any) -> np.ndarray:
     del requires_grad, backward_hooks
     return data
@@ -115,8 +141,17 @@ _ALLOWED_GLOBALS.update({("torch", name): _StorageType(name) for name in _STORAG
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for torch's data.pkl that only knows tensors and plain containers."""
 
-    def __init__(self, file: Any, *, archive: zipfile.ZipFile, prefix: str, source: str):
+    def __init__(
+        self,
+        file: Any,
+        *,
+        archive: zipfile.ZipFile,
+        prefix: str,
+        source: str,
+        header_only: bool = False,
+    ):
         super().__init__(file)
+        self._header_only = header_only
         self._archive = archive
         self._prefix = prefix
         self._source = source
@@ -124,6 +159,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        if self._header_only and (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_header
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -144,6 +181,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
         name = f"{self._prefix}data/{key}"
+        if self._header_only:
+            try:
+                stored = self._archive.getinfo(name).file_size
+            except KeyError:
+                raise CheckpointError(f"{self._source}: storage {name} is missing") from None
+            if stored != numel * dtype.itemsize:
+                raise CheckpointError(
+                    f"{self._source}: storage {name} has {stored} bytes, expected "
+                    f"{numel} x {dtype.itemsize}"
+                )
+            return np.broadcast_to(np.zeros((), dtype), (numel,))
         try:
             raw = self._archive.read(name)
         except KeyError:
@@ -181,7 +229,7 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def _load_torch_zip(path: Path) -> dict[str, Any]:
+def _load_torch_zip(path: Path, header_only: bool = False) -> dict[str, Any]:
     source = str(path)
     with open(path, "rb") as f:
         head = f.read(4)
@@ -199,7 +247,9 @@ def _load_torch_zip(path: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{source}: expected one <name>/data.pkl, found {pkls}")
             prefix = pkls[0][: -len("data.pkl")]
             with archive.open(pkls[0]) as f:
-                unpickler = _RestrictedUnpickler(f, archive=archive, prefix=prefix, source=source)
+                unpickler = _RestrictedUnpickler(
+                    f, archive=archive, prefix=prefix, source=source, header_only=header_only
+                )
                 tree = unpickler.load()
     except _CorruptTensorError as e:
         raise CheckpointError(f"{source}: corrupt tensor: {e}") from e
@@ -226,6 +276,54 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read npz file ({e})") from e
+
+
+def _safetensors_header(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+    return {k: np.broadcast_to(np.zeros((), np.float32), v) for k, v in shapes.items()}
+
+
+def _npz_header(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(member)
+                out[name.removesuffix(".npy")] = np.broadcast_to(np.zeros((), dtype), shape)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read npz file ({e})") from e
+    return out
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """`load_state_dict` without reading the tensors: the same tree, each tensor a zero-byte
+    stand-in of its shape (np.broadcast_to of a scalar), so key and shape checks of a large
+    checkpoint take a fraction of a second. The same errors as `load_state_dict` for a missing,
+    non-checkpoint or truncated file (storage sizes are checked against the zip directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        return _load_torch_zip(path, header_only=True)
+    if suffix == ".safetensors":
+        return _safetensors_header(path)
+    if suffix == ".npz":
+        return _npz_header(path)
+    raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:

@@ -494,20 +494,11 @@ def _encoder_name(key: str) -> str:
     return key
 
 
-def point_mae_params_from_state_dict(
-    state: Mapping[str, Any], *, model_cfg: Mapping[str, Any] | Any, source: str
-) -> dict:
-    """Converts a Point-MAE torch state dict to Flax {'params', 'batch_stats'}.
-
-    Args:
-      state: a whole `pretrain.pth` ({'base_model': {...}, 'optimizer': ..., ...}) or a bare
-        state dict; nested dicts are flattened with '.'; values are array-likes (numpy).
-      model_cfg: encoder config (see `point_mae_encoder`).
-      source: file name used in error messages.
-
-    Raises:
-      checkpoint_io.CheckpointError listing every missing, unexpected or wrongly shaped key.
-    """
+def _checked_encoder_state(
+    state: Mapping[str, Any], model_cfg: Mapping[str, Any] | Any, source: str
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The checkpoint's arrays under encoder names and the encoder's torch layout, after the
+    strict key and shape check."""
     encoder = point_mae_encoder(model_cfg)
     if "base_model" in state:
         state = state["base_model"]
@@ -528,7 +519,24 @@ def point_mae_params_from_state_dict(
         ignore_prefixes=IGNORED_PREFIXES,
         source=source,
     )
+    return renamed, layout
 
+
+def point_mae_params_from_state_dict(
+    state: Mapping[str, Any], *, model_cfg: Mapping[str, Any] | Any, source: str
+) -> dict:
+    """Converts a Point-MAE torch state dict to Flax {'params', 'batch_stats'}.
+
+    Args:
+      state: a whole `pretrain.pth` ({'base_model': {...}, 'optimizer': ..., ...}) or a bare
+        state dict; nested dicts are flattened with '.'; values are array-likes (numpy).
+      model_cfg: encoder config (see `point_mae_encoder`).
+      source: file name used in error messages.
+
+    Raises:
+      checkpoint_io.CheckpointError listing every missing, unexpected or wrongly shaped key.
+    """
+    renamed, layout = _checked_encoder_state(state, model_cfg, source)
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for key, (path, shape) in layout.items():
         value = renamed[key].astype(np.float32)
@@ -539,6 +547,15 @@ def point_mae_params_from_state_dict(
             node = node.setdefault(name, {})
         node[path[-1]] = jnp.asarray(value)
     return variables
+
+
+def check_point_mae_checkpoint(path: str | os.PathLike, model_cfg: Mapping[str, Any] | Any) -> None:
+    """The checks of `load_point_mae_variables` on a file's keys and shapes only
+    (`checkpoint_io.read_header`), for a check before any long work; orbax folders are checked
+    when loaded."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        _checked_encoder_state(checkpoint_io.read_header(path), model_cfg, path)
 
 
 def load_point_mae_variables(path: str | os.PathLike, model_cfg: Mapping[str, Any] | Any) -> dict:

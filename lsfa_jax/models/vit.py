@@ -28,6 +28,7 @@ from lsfa_jax.models.checkpoint_io import (
     flatten_state_dict,
     load_orbax,
     load_state_dict,
+    read_header,
     strict_match,
 )
 from lsfa_jax.precision import PINNED, policy
@@ -412,6 +413,17 @@ def _check_param_tree(params: Any, cfg: ViTConfig, source: str) -> None:
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
     }
     strict_match(have, want, source=source)
+
+
+def check_vit_checkpoint(path: str | os.PathLike, model_cfg: ViTConfig | Any = None) -> None:
+    """The checks of `load_vit_params` on a file's keys and shapes only (`read_header`), for a
+    check before any long work. Orbax folders are checked when loaded."""
+    cfg = vit_config(model_cfg)
+    path = Path(path)
+    if path.is_dir():
+        return
+    flat = _backbone_state(read_header(path), str(path))
+    strict_match(flat, expected_torch_shapes(cfg), source=str(path))
 
 
 def load_vit_params(path: str | os.PathLike, model_cfg: ViTConfig | Any = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lsfa_jax.atomic_io import atomic_write_text
+from lsfa_jax.atomic_io import atomic_write_json
 
 # name in the manifest -> distributions that provide it (the first installed one is reported).
 PACKAGES = {
@@ -184,4 +183,4 @@ class RunManifest:
 
     def write(self, path: str | os.PathLike) -> Path:
         """Writes the manifest as JSON atomically; returns the path."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return atomic_write_json(path, self.to_dict())

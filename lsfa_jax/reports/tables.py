@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lsfa_jax.atomic_io import atomic_write_text
+from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text
 from lsfa_jax.reports import paper_results
 
 SETTINGS = ("RGB", "3D", "RGB+3D")
@@ -29,6 +28,7 @@ METRIC_TITLES = {
 }
 DATASET_CLASSES = paper_results.DATASET_CLASSES
 THRESHOLD_FIELDS = ("threshold", "precision", "recall")
+THRESHOLD_OPTIONAL = ("rule", "pixel_threshold", "pixel_rule")
 
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 Notes = Mapping[str, Mapping[str, Sequence[str]]]
@@ -172,6 +172,11 @@ def _fmt(value: float | None, notes: Sequence[str] = ()) -> str:
     return f"{value:.3f}"
 
 
+def _fmt_number(value: float, spec: str = ".3f") -> str:
+    """A float for a table cell; NaN (undefined) is "n/a", never "nan"."""
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
 def _fmt_diff(value: float | None) -> str:
     return "" if value is None else f"{value:+.3f}"
 
@@ -270,7 +275,7 @@ def write_result_tables(
             out_dir / "results.md",
             render_markdown(table, paper_method=paper_method, dataset=dataset),
         ),
-        "json": atomic_write_text(out_dir / "results.json", json.dumps(doc, indent=2) + "\n"),
+        "json": atomic_write_json(out_dir / "results.json", doc),
         "csv": atomic_write_text(out_dir / "results.csv", render_csv(table)),
     }
 
@@ -313,10 +318,13 @@ def write_threshold_table(
     *,
     dataset: str = "mvtec3d",
 ) -> dict[str, Path]:
-    """Per setting and class: the decision threshold and its precision and recall on test.
+    """Per setting and class: the decision threshold, its precision and recall on test, and
+    the rule that chose it.
 
-    thresholds: {setting: {class_name: {"threshold", "precision", "recall": float}}}.
-    Writes thresholds.{md,json,csv}; returns {"md"|"json"|"csv": path}.
+    thresholds: {setting: {class_name: {"threshold", "precision", "recall": float, optionally
+    "rule": str (the rule's description), "pixel_threshold": float, "pixel_rule": str}}}.
+    Undefined values (NaN, e.g. precision when nothing is flagged) are "n/a" in the markdown and
+    CSV and null in the JSON. Writes thresholds.{md,json,csv}; returns {"md"|"json"|"csv": path}.
     """
     for setting, per_class in thresholds.items():
         if setting not in SETTINGS:
@@ -329,27 +337,50 @@ def write_threshold_table(
     md = [f"# Thresholds on test: {dataset}", ""]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("setting", "class", *THRESHOLD_FIELDS))
+    writer.writerow(
+        ("setting", "class", *THRESHOLD_FIELDS, "rule", "pixel_threshold", "pixel_rule")
+    )
     doc: dict = {"dataset": dataset, "settings": {}}
     for setting in [s for s in SETTINGS if s in thresholds]:
         per_class = thresholds[setting]
         md += [
             f"## {setting}",
             "",
-            "| class | threshold | precision | recall |",
-            "|---|---|---|---|",
+            "| class | threshold | precision | recall | rule | pixel threshold | pixel rule |",
+            "|---|---|---|---|---|---|---|",
         ]
         classes = class_order({setting: per_class}, dataset)
         doc["settings"][setting] = {}
         for c in classes:
-            vals = [float(per_class[c][f]) for f in THRESHOLD_FIELDS]
-            md.append(f"| {c} | {vals[0]:.6g} | {vals[1]:.3f} | {vals[2]:.3f} |")
-            writer.writerow((setting, c, *(repr(v) for v in vals)))
-            doc["settings"][setting][c] = dict(zip(THRESHOLD_FIELDS, vals, strict=True))
+            fields = per_class[c]
+            vals = [float(fields[f]) for f in THRESHOLD_FIELDS]
+            rule = str(fields.get("rule", ""))
+            pixel = float(fields.get("pixel_threshold", math.nan))
+            pixel_rule = str(fields.get("pixel_rule", ""))
+            md.append(
+                f"| {c} | {_fmt_number(vals[0], '.6g')} | {_fmt_number(vals[1])} | "
+                f"{_fmt_number(vals[2])} | {rule or 'n/a'} | {_fmt_number(pixel, '.6g')} | "
+                f"{pixel_rule or 'n/a'} |"
+            )
+            writer.writerow(
+                (
+                    setting,
+                    c,
+                    *("n/a" if math.isnan(v) else repr(v) for v in [*vals]),
+                    rule,
+                    "n/a" if math.isnan(pixel) else repr(pixel),
+                    pixel_rule,
+                )
+            )
+            optional = {k: fields[k] for k in THRESHOLD_OPTIONAL if k in fields}
+            doc["settings"][setting][c] = {
+                **dict(zip(THRESHOLD_FIELDS, vals, strict=True)),
+                **optional,
+            }
         md.append("")
     return {
         "md": atomic_write_text(out_dir / "thresholds.md", "\n".join(md)),
-        "json": atomic_write_text(out_dir / "thresholds.json", json.dumps(doc, indent=2) + "\n"),
+        "json": atomic_write_json(out_dir / "thresholds.json", doc),
         "csv": atomic_write_text(out_dir / "thresholds.csv", buf.getvalue()),
     }
 
@@ -379,7 +410,7 @@ def write_per_defect(
         }
         for c, settings in per_defect.items()
     }
-    atomic_write_text(out_dir / "per_defect.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out_dir / "per_defect.json", record)
     lines = ["# Per defect type (good test samples vs one defect type)", ""]
     lines += [
         "| class | setting | defect type | n | I-AUROC | AUPRO@0.3 |",
