@@ -173,8 +173,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
     config.adaptation = default_adaptation_config()
-    # The reference feeds CLS through the RGB adaptor in training but not at inference (notes
-    # 9.2-6); here one flag covers both, off by default (patch tokens only, as in the paper).
+    # The reference feeds CLS through the RGB adaptor in training but not at inference
+    # (docs/method.md#adaptors); here one flag covers both, off by default (patch tokens only, as
+    # in the paper).
     config.adaptation.prepend_cls = False
     config.adaptation.seed = config.get_ref("seed")
     config.adaptation.precision = config.get_ref("precision")

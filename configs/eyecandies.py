@@ -23,6 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data_dir = "data/eyecandies"
     config.data.preprocess = False
     # M3DM, whose PatchCore runs give Table 3's baseline rows, fits its banks on at most 401
-    # training samples per class (reference notes 1.4; Eyecandies has 1000): the same here.
+    # training samples per class (docs/method.md#eyecandies-conversion; Eyecandies has 1000): the
+    # same here.
     config.patchcore.max_train_samples = 401
     return apply_variant(config, variant, "configs/eyecandies.py")

@@ -4,7 +4,8 @@ Paper §3.4: the final score (image or pixel) is the average of the two modaliti
 raw PatchCore scores of the modalities live on different scales, so each modality is first
 normalised with statistics of scores of normal samples (training or validation):
 z-score (default) or min-max. The reference code instead fuses with a one-class SVM
-(notes §5.6); `fit_ocsvm_fuser` / `ocsvm_fuse` reproduce it. `fit_fusion` fits either kind as one
+(docs/method.md#fusion-and-thresholds); `fit_ocsvm_fuser` / `ocsvm_fuse` reproduce it. `fit_fusion`
+fits either kind as one
 `Fusion` of a class; `fusion_to_dict` / `fusion_from_dict` store it with the model.
 
 Decision rule everywhere: a sample (or pixel) is anomalous iff its score > threshold.
@@ -21,7 +22,8 @@ from sklearn.linear_model import SGDOneClassSVM
 
 NORMALISATION_METHODS = ("zscore", "minmax")
 FUSION_METHODS = (*NORMALISATION_METHODS, "ocsvm")
-REFERENCE_RGB_FACTOR = 0.1  # notes §5.6: the fuser sees [s_xyz, 0.1 * s_rgb]
+# docs/method.md#fusion-and-thresholds: the reference fuser sees [s_xyz, 0.1 * s_rgb].
+REFERENCE_RGB_FACTOR = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +179,8 @@ def fit_ocsvm_fuser(
     max_iter: int = 1000,
     random_state: int = 42,
 ) -> SGDOneClassSVM:
-    """The reference decision-level fuser (notes §5.6): sklearn SGDOneClassSVM with its
+    """The reference decision-level fuser (docs/method.md#fusion-and-thresholds): sklearn
+    SGDOneClassSVM with its
     defaults and random_state 42, fitted on (M, 2) `fusion_vectors` of the training set."""
     where = "fusion.fit_ocsvm_fuser"
     train_vectors = _finite_array(where, "train_vectors", train_vectors)

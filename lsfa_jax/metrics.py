@@ -4,7 +4,7 @@ Conventions: label/mask 1 = defect (positive), 0 = good; a higher score means mo
 All metrics sort the scores once and treat tied scores as one threshold step, so ties count
 half in AUROC (sklearn's trapezoid / average-rank rule).
 
-AUPRO comes in two flavours (notes §6 and §0.1):
+AUPRO comes in two flavours (docs/method.md#metrics):
 - `aupro`: the exact integral of the PRO curve over every distinct threshold (score >= t).
 - `aupro_reference`: the reference code's estimator (100 index-spaced thresholds over the sorted
   OK scores, strict '>'), for parity with published tables. It underestimates the exact value,
@@ -290,7 +290,8 @@ def _aupro_reference_labelled(
 
 
 def aupro_reference(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
-    """AUPRO as the reference code estimates it (notes §6), for parity with published tables.
+    """AUPRO as the reference code estimates it (docs/method.md#metrics), for parity with published
+    tables.
 
     100 thresholds at positions linspace(0, N_ok - 1, 100) (cast to int) of the sorted OK
     scores; FPR = 1 - (pos + 1)/N_ok; PRO = mean over regions of the fraction of pixels with

@@ -1,4 +1,5 @@
-"""Fixed-size FIFO memory banks on device (paper 3.3, Eq. 7; notes 4.5).
+"""Fixed-size FIFO memory banks on device (paper 3.3, Eq. 7;
+docs/method.md#ifc-losses-and-memory-banks).
 
 A `Bank` holds K independent ring buffers (K = number of classes, or 1 for a shared bank) of M
 rows each. Slots fill from 0 upwards, so the filled slots of buffer k are always

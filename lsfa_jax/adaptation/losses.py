@@ -169,10 +169,11 @@ def rotation_loss(
     scale_by_2t: bool = False,
     chunk_size: int | None = 4096,
 ) -> jax.Array:
-    """L_rot (reference code, notes 4.4-2): one-directional InfoNCE from the projected RGB
+    """L_rot (reference code, docs/method.md#rotation-loss): one-directional InfoNCE from the
+    projected RGB
     features q (B, P, E) to those of the locally rotated image q_rot (B, P, E) over the patches
     in `subset` (B, P), which are also the only negatives. Positions index the foreground
-    through the mask (the reference's raw-position indexing is a bug, notes 9.2-5)."""
+    through the mask (the reference's raw-position indexing is a bug, same section)."""
     B, P, E = q.shape
     a, b = _l2_normalize(q.reshape(B * P, E)), _l2_normalize(q_rot.reshape(B * P, E))
     loss = _infonce_rows(a, b, subset.reshape(B * P), temperature, chunk_size)

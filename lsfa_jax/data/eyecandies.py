@@ -1,4 +1,4 @@
-"""Eyecandies reader and conversion to the MVTec 3D-AD layout (reference notes 1.5).
+"""Eyecandies reader and conversion to the MVTec 3D-AD layout (docs/method.md#eyecandies-conversion).
 
 The conversion follows M3DM's `utils/preprocess_eyecandies.py`, the preprocessing behind the
 paper's Table 3, so that the clouds equal the reference's up to float rounding.

@@ -1,4 +1,4 @@
-"""MVTec 3D-AD layout: classes, splits, file listing and the raw readers (reference notes 1.1-1.2).
+"""MVTec 3D-AD layout: classes, splits, file listing and the raw readers (docs/method.md#data-layout-and-readers).
 
 Layout of one class folder:
   train/good/{rgb,xyz}/NNN.{png,tiff}, validation/good/{rgb,xyz}/...,

@@ -1,4 +1,4 @@
-"""Support-plane removal (reference notes 1.3), seeded, and the per-sample preparation step.
+"""Support-plane removal (docs/method.md#support-plane-removal), seeded, and the per-sample preparation step.
 
 Per sample, at full resolution:
   1. fit a plane (Open3D RANSAC, `ransac_n` points per hypothesis) to the valid points of the

@@ -1,4 +1,4 @@
-"""The reference resize rules (reference notes 1.4), on host numpy arrays.
+"""The reference resize rules (docs/method.md#resize-rules), on host numpy arrays.
 
 - xyz: PyTorch legacy nearest, source index = floor(dst * in / out) in float32. Nearest never
   mixes points, so missing points (0, 0, 0) stay exactly zero. Never interpolate xyz.

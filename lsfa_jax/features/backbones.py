@@ -1,6 +1,7 @@
 """Frozen-backbone patch features on the 56x56 grid.
 
-Point branch (reference notes §3): pack the valid points of the organized cloud, FPS centres,
+Point branch (docs/method.md#point-mae-features-and-the-grid): pack the valid points of the
+organized cloud, FPS centres,
 kNN groups, Point-MAE encoder, 3-NN interpolation back to every valid point, then the shared
 pixel-grid projection of `features.patch_grid`.
 """

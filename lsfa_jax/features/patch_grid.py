@@ -1,7 +1,7 @@
 """Organized clouds <-> packed points, and point features -> the 56x56 patch grid.
 
 Shared by every point-feature path (Point-MAE and FPFH), so both land on exactly the same grid
-as the RGB tokens (reference notes 3.7):
+as the RGB tokens (docs/method.md#point-mae-features-and-the-grid):
 
   scatter point features to the HxW pixel grid (missing pixels stay 0)
   -> 3x3 average pool, stride 1, no padding (zeros count)       (H-2, W-2)

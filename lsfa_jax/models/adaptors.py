@@ -1,4 +1,5 @@
-"""LSFA adaptors Psi_I / Psi_P and projection heads H_I / H_P (paper 3.1-3.2, notes 4.2).
+"""LSFA adaptors Psi_I / Psi_P and projection heads H_I / H_P (paper 3.1-3.2,
+docs/method.md#adaptors).
 
 The default adaptor is one pre-norm transformer encoder block (x <- x + Attn(LN1(x)),
 x <- x + MLP(LN2(x))): fused qkv without bias, output projection with bias, exact-erf GELU,
@@ -136,7 +137,7 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer encoder block (notes 4.2); (B, N, C) -> (B, N, C)."""
+    """Pre-norm transformer encoder block (docs/method.md#adaptors); (B, N, C) -> (B, N, C)."""
 
     dim: int
     num_heads: int = 12
@@ -339,7 +340,8 @@ def apply_adaptors(
     """Inference: (rgb (B,P,Ci), xyz (B,P,Cp)) -> adapted local features of the same shapes.
 
     Only the local adapted features go to PatchCore (paper 3.4). The reference applies the RGB
-    adaptor without CLS at inference (notes 9.2-6); `prepend_cls=True` uses `rgb_cls` (B, Ci).
+    adaptor without CLS at inference (docs/method.md#adaptors); `prepend_cls=True` uses `rgb_cls`
+    (B, Ci).
     `precision` names the layers' policy (`lsfa_jax.precision`); outputs are float32.
     """
     if prepend_cls and rgb_cls is None:

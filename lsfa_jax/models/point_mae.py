@@ -1,7 +1,8 @@
 """Point-MAE encoder (Flax linen), FPS / kNN grouping, 3-NN interpolation, checkpoint conversion.
 
-Reference behaviour: reference notes §3 (architecture and grouping), §8.2 (checkpoint layout),
-§8.4 (conversion rules) and §0.1 (numerics). Every distance here is computed from coordinate
+Reference behaviour: docs/method.md#point-mae-features-and-the-grid (architecture, grouping,
+numerics) and docs/method.md#checkpoint-layouts (checkpoint layout, conversion rules). Every
+distance here is computed from coordinate
 differences, never from the ||a||^2 + ||b||^2 - 2ab expansion: in float32 with coordinates in
 metres around z = 0.65 the expansion changes kNN neighbour sets and interpolation weights.
 

@@ -1,12 +1,13 @@
 """DINO ViT-B/8 RGB backbone (Flax linen) and conversion from PyTorch state dicts.
 
-Architecture as reference notes 2.1: conv patch embedding, CLS token, learned position
+Architecture as in docs/method.md#dino-vit-features-and-the-56x56-grid: conv patch embedding, CLS
+token, learned position
 embedding, pre-norm blocks (fused qkv, exact-erf GELU), final LayerNorm (eps 1e-6). Parameter
 names mirror the torch names: `patch_embed/proj`, `cls_token`, `pos_embed`,
 `blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}`, `norm`.
 
-Only the last layer's normalised patch tokens are used downstream (notes 2.2); `dino_patch_grid`
-returns them on the 56x56 grid shared with the point features (notes 2.3).
+Only the last layer's normalised patch tokens are used downstream (same section); `dino_patch_grid`
+returns them on the 56x56 grid shared with the point features (same section).
 """
 
 from __future__ import annotations
@@ -274,7 +275,8 @@ def dino_patch_grid(
     Returns:
       (B, (2H/p) * (2W/p), D) patch features, row-major; (B, 3136, 768) at 224 with p=8.
       Each token becomes a 2x2 block: torch's AdaptiveAvgPool2d(28 -> 56) is exactly this
-      replication (notes 2.3). With return_cls, also the (B, D) CLS token.
+      replication (docs/method.md#dino-vit-features-and-the-56x56-grid). With return_cls, also the
+      (B, D) CLS token.
     """
     model = VisionTransformer.from_config(model_cfg, precision)
     tokens = model.apply({"params": params}, images)
@@ -295,7 +297,8 @@ def init_random_vit_params(key: jax.Array, model_cfg: ViTConfig | Any = None) ->
 
 
 def expected_torch_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """Torch state-dict names -> shapes for a ViT of these sizes (notes 8.1)."""
+    """Torch state-dict names -> shapes for a ViT of these sizes
+    (docs/method.md#checkpoint-layouts)."""
     d, m, p, g = cfg.embed_dim, cfg.mlp_dim, cfg.patch_size, cfg.grid_size
     shapes: dict[str, tuple[int, ...]] = {
         "cls_token": (1, 1, d),
@@ -356,7 +359,8 @@ def _backbone_state(state: Mapping[str, Any], source: str) -> dict[str, np.ndarr
 def vit_params_from_state_dict(
     state: Mapping[str, Any], *, model_cfg: ViTConfig | Any = None, source: str
 ) -> dict[str, Any]:
-    """Torch DINO/timm ViT state dict -> Flax 'params' (notes 8.4), checked strictly.
+    """Torch DINO/timm ViT state dict -> Flax 'params' (docs/method.md#checkpoint-layouts), checked
+    strictly.
 
     Linear (out, in) -> kernel (in, out); conv OIHW -> HWIO; LayerNorm weight -> scale; qkv stays
     fused. Raises CheckpointError naming `source` with every missing/unexpected/misshaped key.

@@ -1,4 +1,4 @@
-"""Greedy k-center coreset over a sparse random projection (reference notes 5.3).
+"""Greedy k-center coreset over a sparse random projection (docs/method.md#coreset).
 
 The reference projects the library with sklearn's SparseRandomProjection(eps=0.9) and runs the
 greedy k-center loop in fp16 on the GPU. Here the projection matrix is generated from a JAX key
@@ -35,7 +35,8 @@ def coreset_size(n: int, ratio: float) -> int:
     """Number of rows kept from a library of n rows: int(ratio * n), at least 1.
 
     The reference keeps int(0.1 * N) rows for xyz but int(0.1 * size of the already reduced xyz
-    bank) for RGB, i.e. about 1 % (notes 5.3). Here every modality uses its own ratio of its own
+    bank) for RGB, i.e. about 1 % (docs/method.md#coreset). Here every modality uses its own ratio
+    of its own
     library; pass ratio=0.01 to reproduce the reference's RGB bank size.
     """
     if not 0.0 < ratio <= 1.0:

@@ -1,7 +1,8 @@
 """Feature standardisation for PatchCore memory banks, one set of statistics per modality.
 
 The reference code standardises every library and query with scalar constants taken over every
-element of a library (unbiased std), but mixes them up between modalities (reference notes 5.2:
+element of a library (unbiased std), but mixes them up between modalities
+(docs/method.md#feature-normalisation:
 xyz_mean = mean(xyz), xyz_std = std(rgb), ...). Here each modality is fitted on its own library;
 per-channel statistics are an option.
 

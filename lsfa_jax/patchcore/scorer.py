@@ -53,7 +53,8 @@ def patchcore_image_score(
       dim: D in the exponent's sqrt(D) (defaults to queries.shape[-1]).
       reweight: False gives the plain max patch score s*.
 
-    The reweighting is the LSFA reference's variant (notes 5.4), not the PatchCore paper's:
+    The reweighting is the LSFA reference's variant (docs/method.md#image-score), not the PatchCore
+    paper's:
     p* = argmax nn_dist, s* = nn_dist[p*], m* = bank[nn_idx[p*]]; take the 3 bank rows nearest
     to m* (the first is normally m* itself) and r_j = ||X[p*] - bank[nb_j]|| for the other two;
     w = 1 - exp(s*/sqrt(D)) / sum_j exp(r_j/sqrt(D)); score = w * s*. The sum excludes m* and
