@@ -31,6 +31,7 @@ from lsfa_jax.atomic_io import atomic_write_bytes, atomic_write_json
 from lsfa_jax.errors import UserError
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.normalisation import FeatureStats
+from lsfa_jax.reports.manifest import sha256_file
 
 FORMAT_VERSION = 2
 MODEL_FILE = "model.json"
@@ -120,14 +121,12 @@ class ClassModel:
 def weights_digest(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a weights file, or of a folder's files (relative names and contents)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        return sha256_file(path)
     digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        digest.update(bytes.fromhex(sha256_file(file)))
     return digest.hexdigest()
 
 
