@@ -42,10 +42,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from configs.base import get_base_config
 from lsfa_jax import metrics
 from lsfa_jax.adaptation.train import (
     build_model,
-    default_adaptation_config,
     init_train_state,
     make_mesh,
     make_train_step,
@@ -116,7 +116,7 @@ def make_data(case: str, seed: int, n_train: int = 64, n_test: int = 120) -> Dat
 
 def adaptation_config(run: str, lr: float, steps: int, **overrides) -> ml_collections.ConfigDict:
     """Project defaults (loss weights, schedule shape, CLC temperature), sized to this data."""
-    cfg = default_adaptation_config()
+    cfg = get_base_config().adaptation.copy_and_resolve_references()
     cfg.update(dict(rgb_dim=RGB_DIM, xyz_dim=XYZ_DIM, num_patches=P, proj_dim=32, rgb_heads=4))
     cfg.update(dict(xyz_heads=4, batch_size=8, num_steps=steps, lr=lr, prepend_cls=False))
     cfg.update(dict(local_bank_size=2048, global_bank_size=32, kmeans_clusters=4))
@@ -242,7 +242,7 @@ def summarise(results, lrs) -> list[dict]:
     """Per (case, run): mean and std over seeds at the first lr of `lrs` and, when another lr
     has a higher mean I-AUROC, at that one too."""
     rows = []
-    default_lr = default_adaptation_config().lr
+    default_lr = get_base_config().adaptation.copy_and_resolve_references().lr
     for case, run in itertools.product(CASES, RUNS):
         at = {lr: results[(case, run, lr)] for lr in lrs if (case, run, lr) in results}
         if not at:

@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import CompileCounter, best_of, emit, machine_description
 
-from lsfa_jax.adaptation.train import build_model, default_adaptation_config
+from configs.base import get_base_config
+from lsfa_jax.adaptation.train import build_model
 from lsfa_jax.features.backbones import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params
@@ -38,6 +40,7 @@ from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.normalisation import FeatureStats
 from lsfa_jax.patchcore.scorer import score_batch
 
+ADAPTATION = get_base_config().adaptation.copy_and_resolve_references()
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample/cable_gland"
 # The real Point-MAE shape (1024 groups of 128, 12 x 384, taps 3/7/11): the encoder's defaults.
 POINT_CFG = {f: getattr(point_mae.PointMAEEncoder, f) for f in point_mae.CONFIG_FIELDS}
@@ -132,7 +135,9 @@ def run(args: argparse.Namespace) -> None:
     models = {
         "rgb": vit.init_random_vit_params(key, vit.ViTConfig()),
         "point": point_mae.init_random_point_mae_variables(key, POINT_CFG),
-        "adaptors": init_lsfa_params(build_model(default_adaptation_config()), key),
+        "adaptors": init_lsfa_params(
+            build_model(get_base_config().adaptation.copy_and_resolve_references()), key
+        ),
     }
     banks = {
         "rgb": random_bank(args.rgb_bank, 768, 1),

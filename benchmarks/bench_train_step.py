@@ -16,16 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs.base import get_base_config
 from lsfa_jax.adaptation.banks import Bank
 from lsfa_jax.adaptation.train import (
     build_model,
-    default_adaptation_config,
     init_train_state,
     make_mesh,
     make_train_step,
@@ -46,7 +49,7 @@ def train_step_figures(
 ) -> dict:
     """Compile time, step times and XLA buffer sizes of one data-parallel train step."""
     shapes = dict(locals())
-    cfg = default_adaptation_config()
+    cfg = get_base_config().adaptation.copy_and_resolve_references()
     cfg.update(
         dict(
             batch_size=batch,

@@ -10,7 +10,6 @@ from scipy.special import logsumexp
 
 from lsfa_jax.adaptation.banks import Bank, bank_push, init_bank
 from lsfa_jax.adaptation.losses import (
-    LossConfig,
     clc_global_loss,
     clc_local_loss,
     feature_distance,
@@ -21,6 +20,7 @@ from lsfa_jax.adaptation.losses import (
     rotation_loss,
 )
 from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params
+from tests.helpers.configs import loss_config
 
 
 def np_normalize(x):
@@ -204,7 +204,7 @@ def tiny_setup(seed=0, B=4, P=9):
 
 def test_lsfa_loss_combines_terms_with_weights_and_gates_ifc():
     model, params, batch, banks = tiny_setup()
-    cfg = LossConfig(
+    cfg = loss_config(
         lambda_clc=0.3, w_la=0.7, w_ga=0.2, w_ifc=0.9, w_lc=1.1, w_gc=0.4,
         ifc_warmup_steps=5, global_method="masked_mean",
     )  # fmt: skip
@@ -229,7 +229,7 @@ def test_lsfa_loss_combines_terms_with_weights_and_gates_ifc():
     assert float(aux_early["terms"]["ifc"]) == 0.0
     assert float(aux_early["terms"]["la"]) == pytest.approx(t["la"], rel=1e-6)
     # "Bank full" eligibility: only class 0's RGB bank would count if it needed > 30 rows.
-    cfg_full = LossConfig(ifc_min_bank_fill=1.0, global_method="masked_mean")
+    cfg_full = loss_config(ifc_min_bank_fill=1.0, global_method="masked_mean")
     _, aux_full = jit_lsfa_loss(params, model, batch, banks, jnp.int32(0), key, cfg_full)
     assert float(aux_full["terms"]["ifc_eligible"]) == 4.0
     partly = dict(banks, rgb_local=filled_bank(np.random.default_rng(9), 2, 30, 8, [30, 10]))
@@ -240,7 +240,7 @@ def test_lsfa_loss_combines_terms_with_weights_and_gates_ifc():
 def test_lsfa_loss_gradients_reach_all_params_and_not_inputs():
     model, params, batch, banks = tiny_setup(1)
     before = {k: (None if v is None else np.array(v, copy=True)) for k, v in batch.items()}
-    cfg = LossConfig(kmeans_clusters=3)
+    cfg = loss_config(kmeans_clusters=3)
     loss_fn = lambda p: lsfa_loss(p, model, batch, banks, jnp.int32(0), jax.random.PRNGKey(1), cfg)
     grads, _ = jax.jit(jax.grad(loss_fn, has_aux=True))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -280,7 +280,7 @@ def test_rotation_loss_is_one_directional_infonce_over_the_subset():
 
 def test_lsfa_loss_rotation_term():
     model, params, batch, banks = tiny_setup(2)
-    cfg = LossConfig(w_rot=0.05, global_method="masked_mean")
+    cfg = loss_config(w_rot=0.05, global_method="masked_mean")
     key, step = jax.random.PRNGKey(0), jnp.int32(0)
     with pytest.raises(KeyError, match="rgb_rot"):
         lsfa_loss(params, model, batch, banks, step, key, cfg)
@@ -309,14 +309,14 @@ def test_clc_unnormalised_uses_raw_inner_products(T):
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     assert abs(want - np_symmetric(a, b, T)) > 1e-2  # normalising changes it
     with pytest.raises(ValueError, match="clc_temperature"):
-        LossConfig(clc_temperature=0.0)
+        loss_config(clc_temperature=0.0)
 
 
 def test_zero_weight_terms_are_exactly_zero_and_the_rest_unchanged():
     model, params, batch, banks = tiny_setup(3)
     key, step = jax.random.PRNGKey(0), jnp.int32(0)
-    full = LossConfig(global_method="masked_mean")
-    off = LossConfig(global_method="masked_mean", w_ga=0.0, w_lc=0.0, clc_temperature=0.5)
+    full = loss_config(global_method="masked_mean")
+    off = loss_config(global_method="masked_mean", w_ga=0.0, w_lc=0.0, clc_temperature=0.5)
     _, aux_full = jit_lsfa_loss(params, model, batch, banks, step, key, full)
     t_full = {k: float(v) for k, v in aux_full["terms"].items()}
     total, aux = jit_lsfa_loss(params, model, batch, banks, step, key, off)
@@ -326,6 +326,6 @@ def test_zero_weight_terms_are_exactly_zero_and_the_rest_unchanged():
     assert t["la"] > 0 and t["la"] != pytest.approx(t_full["la"])  # the temperature is used
     want = (t["gc_rgb"] + t["gc_xyz"]) + 0.6 * t["la"]
     np.testing.assert_allclose(float(total), want, rtol=1e-6)
-    no_family = LossConfig(global_method="masked_mean", lambda_clc=0.0)
+    no_family = loss_config(global_method="masked_mean", lambda_clc=0.0)
     t0 = jit_lsfa_loss(params, model, batch, banks, step, key, no_family)[1]["terms"]
     assert float(t0["la"]) == float(t0["ga"]) == float(t0["clc"]) == 0.0

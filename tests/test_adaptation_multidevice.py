@@ -18,11 +18,12 @@ SCRIPT = textwrap.dedent(
     import sys
     import jax
     import numpy as np
-    from lsfa_jax.adaptation.train import default_adaptation_config, make_mesh, train_adaptors
+    from lsfa_jax.adaptation.train import make_mesh, train_adaptors
+    from tests.helpers.configs import adaptation_defaults
 
     assert jax.device_count() == 4, jax.devices()
     B, P, CI, CP = 8, 9, 8, 12
-    cfg = default_adaptation_config()
+    cfg = adaptation_defaults()
     cfg.update(dict(
         rgb_dim=CI, xyz_dim=CP, num_patches=P, proj_dim=6, rgb_heads=2, xyz_heads=2,
         batch_size=B, warmup_steps=1, local_bank_size=60, global_bank_size=6, lr=1e-3,

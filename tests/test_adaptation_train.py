@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs.base import REFERENCE_CODE
 from lsfa_jax.adaptation.checkpointing import (
     CheckpointCorruptError,
     Checkpointer,
@@ -16,19 +17,18 @@ from lsfa_jax.adaptation.checkpointing import (
 from lsfa_jax.adaptation.losses import LossConfig, lsfa_loss
 from lsfa_jax.adaptation.train import (
     build_model,
-    default_adaptation_config,
     init_train_state,
     lr_schedule,
     make_optimizer,
-    reference_code_overrides,
     train_adaptors,
 )
+from tests.helpers.configs import adaptation_defaults
 
 B, P, CI, CP = 4, 9, 8, 12
 
 
 def tiny_config(**overrides):
-    cfg = default_adaptation_config()
+    cfg = adaptation_defaults()
     cfg.update(
         dict(
             rgb_dim=CI,
@@ -186,7 +186,7 @@ def test_lr_schedule_short_runs_warm_up_then_decay_and_reference_stays_near_peak
     full = [float(lr_schedule(tiny_config(warmup_steps=332, lr=3e-4), 664)(u)) for u in (332, 664)]
     assert full == pytest.approx([3e-4, 0.0], rel=1e-6, abs=1e-12)  # float32 schedule
     # The reference variant: 41 updates of 16 batches, 20 warm-up updates, then about 3e-4.
-    ref = tiny_config(lr=3e-4, **{k: v for k, v in reference_code_overrides().items() if k in (
+    ref = tiny_config(lr=3e-4, **{k: v for k, v in REFERENCE_CODE.items() if k in (
         "accum_steps", "warmup_steps", "lr_decay_steps")})  # fmt: skip
     sched = lr_schedule(ref, 664)
     assert float(sched(10)) == pytest.approx(1.5e-4)

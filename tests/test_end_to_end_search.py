@@ -10,7 +10,7 @@ import pytest
 from test_recompilation import _tiny_evaluation_config
 
 from lsfa_jax import model_folder as model_store
-from lsfa_jax.jobs import evaluate
+from lsfa_jax.jobs import evaluate, run_job
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.patchcore.coreset import coreset_size
 
@@ -86,7 +86,7 @@ def test_max_train_samples_caps_the_bank_library(runs: dict) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("search", "faiss", "config.patchcore.search='faiss'"),
+        ("search", "nope", "config.patchcore.search='nope'"),
         ("approximate_dim", 0, "approximate_dim=0"),
         ("max_train_samples", -1, "max_train_samples=-1"),
     ],
@@ -95,5 +95,6 @@ def test_bad_patchcore_settings_fail_before_any_work(tmp_path, key, value, messa
     config = _tiny_evaluation_config(tmp_path / "raw")
     config.patchcore[key] = value
     with pytest.raises(ConfigError, match=message):
-        evaluate.run_evaluation(config, tmp_path / "work")
+        run_job(config, tmp_path / "work")
     assert not (tmp_path / "raw").exists()  # nothing was prepared
+    assert not (tmp_path / "work").exists()

@@ -14,6 +14,7 @@ from configs.base import get_base_config
 from lsfa_jax import fusion
 from lsfa_jax import model_folder as model_store
 from lsfa_jax.jobs.common import ConfigError, bank_dtype
+from lsfa_jax.jobs.validate import validate
 from lsfa_jax.patchcore.bank import build_memory_bank
 
 
@@ -109,4 +110,4 @@ def test_bank_dtype_setting() -> None:
     assert bank_dtype(config) == jnp.bfloat16
     config.patchcore.bank_dtype = "float16"
     with pytest.raises(ConfigError, match=r"config\.patchcore\.bank_dtype='float16'"):
-        bank_dtype(config)
+        validate(config)

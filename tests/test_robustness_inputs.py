@@ -482,7 +482,7 @@ def test_config_wrong_type_in_python_is_rejected() -> None:
 def test_unknown_mode_or_method(tmp_path: Path, key: str, value: str) -> None:
     config = get_base_config()
     config[key] = value
-    with pytest.raises(ConfigError, match=f"config.{key}={value!r}: expected one of"):
+    with pytest.raises(ConfigError, match=f"config.{key}={value!r}: use one of"):
         run_job(config, tmp_path / "work")
     assert not (tmp_path / "work").exists()  # checked before anything is written
 

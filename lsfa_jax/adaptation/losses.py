@@ -232,30 +232,31 @@ def ifc_global_loss(
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Static loss settings (hashable, so it can close over a jitted step); see train.py."""
+    """Static loss settings (hashable, so it can close over a jitted step). The fields are keys of
+    `config.adaptation`; their defaults and meanings are in configs/base.py."""
 
-    lambda_clc: float = 0.6
-    w_la: float = 1.0
-    w_ga: float = 1.0
-    w_ifc: float = 1.0
-    w_lc: float = 1.0
-    w_gc: float = 1.0
-    w_rot: float = 0.0
-    rot_subset_divisor: int = 6
-    clc_temperature: float = 1.0
-    clc_normalize: bool = True
-    scale_by_2t: bool = False
-    capped_distance: bool = False
-    distance_cap: float = 50.0
-    ifc_warmup_steps: int = 0
-    ifc_min_bank_fill: float = 0.0
-    banks_per_class: bool = True
-    rgb_local_all_patches: bool = True
-    global_method: str = "kmeans"
-    kmeans_clusters: int = 8
-    kmeans_iters: int = 10
-    clc_chunk_size: int = 4096
-    nn_chunk_size: int = 8192
+    lambda_clc: float
+    w_la: float
+    w_ga: float
+    w_ifc: float
+    w_lc: float
+    w_gc: float
+    w_rot: float
+    rot_subset_divisor: int
+    clc_temperature: float
+    clc_normalize: bool
+    scale_by_2t: bool
+    capped_distance: bool
+    distance_cap: float
+    ifc_warmup_steps: int
+    ifc_min_bank_fill: float
+    banks_per_class: bool
+    rgb_local_all_patches: bool
+    global_method: str
+    kmeans_clusters: int
+    kmeans_iters: int
+    clc_chunk_size: int
+    nn_chunk_size: int
 
     def __post_init__(self):
         if not self.clc_temperature > 0:
@@ -265,10 +266,12 @@ class LossConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> LossConfig:
-        """Reads the fields of this class from `config.adaptation` (missing keys keep defaults)."""
+        """Reads the fields of this class from `config.adaptation`; each must be there."""
         names = [f.name for f in dataclasses.fields(cls)]
-        get = cfg.get if isinstance(cfg, Mapping) else lambda n, d: getattr(cfg, n, d)
-        return cls(**{n: get(n, getattr(cls, n)) for n in names if get(n, None) is not None})
+        missing = [n for n in names if n not in cfg]
+        if missing:
+            raise KeyError(f"config.adaptation lacks the loss settings {missing}")
+        return cls(**{n: cfg[n] for n in names})
 
 
 def lsfa_loss(

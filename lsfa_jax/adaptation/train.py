@@ -5,47 +5,9 @@ Data interface: `batches_fn(epoch)` returns an iterable of dicts with `rgb` (B,P
 or None, and `rgb_rot` (B,P,rgb_dim) when w_rot > 0. It must be deterministic given `epoch`:
 a resumed run skips the batches of the current epoch that were already consumed.
 
-Keys of `config.adaptation` read here (defaults: `default_adaptation_config`):
-  structure            adaptor structure: encoder1 | encoder2 | linear | conv1x1
-  rgb_dim, xyz_dim     input feature dims (768, 1152); num_patches P (3136, only for init)
-  proj_dim             projection heads' output dim E (512)
-  rgb_heads, xyz_heads attention heads of the adaptors (12, 12)
-  prepend_cls          feed rgb_cls through the RGB adaptor at training when present (reference)
-  lr, weight_decay, b1, b2, eps   AdamW (3e-4, 0.01, 0.9, 0.95, 1e-8)
-  warmup_steps         linear warm-up from 0 (optimizer updates; capped at half the run)
-  lr_decay_steps       cosine decay horizon after the warm-up, in updates; 0: decay to 0 exactly
-                       at the end of the run
-  num_epochs, num_steps  training length in batches: num_steps if > 0, else num_epochs epochs
-  batch_size           global batch size (checked against the batches; split over devices)
-  accum_steps          gradient accumulation: one AdamW update per accum_steps batches (mean)
-  local_bank_size      n^L rows per local bank (5e4, paper 4.3)
-  global_bank_size     n^G rows per global bank
-  banks_per_class      one bank per class (True, reference) or one shared bank
-  bank_dtype           float32 | bfloat16 storage of the banks
-  precision            highest | tf32 | bf16: the adaptors' layers (`lsfa_jax.precision`;
-                       parameters, losses and banks stay float32; the base config links it to
-                       the run's `config.precision`)
-  seed                 parameter init and k-means keys
-  checkpoint_every, keep_checkpoints, log_every   in batches
-  plus every field of `losses.LossConfig` (lambda_clc, w_la, w_ga, w_ifc, w_lc, w_gc, w_rot,
-  rot_subset_divisor, clc_temperature, clc_normalize, scale_by_2t, capped_distance,
-  distance_cap, ifc_warmup_steps, ifc_min_bank_fill, rgb_local_all_patches, global_method,
-  kmeans_clusters, kmeans_iters, clc_chunk_size, nn_chunk_size).
-
-Where the optimiser settings come from. The paper gives no optimiser, learning rate, schedule or
-training length. Every default below is the reference code's, except the schedule's shape:
-  lr 3e-4              the reference README's training command
-  b1, b2 = 0.9, 0.95   the reference code's AdamW betas
-  weight_decay 0.01    PyTorch's AdamW default, which the reference uses (its 1.5e-6 argument is
-                       never passed to the optimiser)
-  eps 1e-8             PyTorch's AdamW default
-  batch 8, 2 epochs    the reference code (its epoch loop is fixed at 2)
-  warmup_steps 332     the reference's one warm-up epoch at batch 8 on the 2656 MVTec training
-                       samples, counted here in optimizer updates
-  decay to 0 at the end of the run (lr_decay_steps=0): ours. The reference's half-cosine runs
-                       over 100 epochs of which it trains 2, so its learning rate stays about
-                       3e-4 through the second epoch; `lr_decay_steps` > 0 gives that shape (the
-                       `reference` variant sets it with the reference's accumulation of 16).
+`cfg` is the run's `config.adaptation`; every key, its default and where the default comes from
+are in configs/base.py (`python main.py --config=configs/mvtec3d.py --config.mode=keys` lists
+them). The loss settings among them are read once into `losses.LossConfig`.
 """
 
 from __future__ import annotations
@@ -76,79 +38,6 @@ from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params, lsfa_model
 from lsfa_jax.summaries import SummaryWriter
 
 Batch = Mapping[str, Any]
-
-
-def default_adaptation_config() -> ml_collections.ConfigDict:
-    """`config.adaptation` defaults: the paper's loss (Eq. 9, lambda 0.6) and bank size, the
-    reference code's optimiser (module docstring: where each value comes from)."""
-    return ml_collections.ConfigDict(
-        dict(
-            structure="encoder1",
-            rgb_dim=768,
-            xyz_dim=1152,
-            num_patches=3136,
-            proj_dim=512,
-            rgb_heads=12,
-            xyz_heads=12,
-            prepend_cls=True,
-            lr=3e-4,
-            weight_decay=0.01,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            warmup_steps=332,
-            lr_decay_steps=0,
-            num_epochs=2,
-            num_steps=0,
-            batch_size=8,
-            accum_steps=1,
-            local_bank_size=50_000,
-            global_bank_size=100,
-            banks_per_class=True,
-            bank_dtype="float32",
-            precision="highest",
-            seed=0,
-            checkpoint_every=100,
-            keep_checkpoints=3,
-            log_every=10,
-            **{
-                f.name: f.default
-                for f in LossConfig.__dataclass_fields__.values()
-                if f.name != "banks_per_class"
-            },
-        )
-    )
-
-
-def reference_code_overrides() -> dict[str, Any]:
-    """The reference code's loss variant, banks and schedule as `config.adaptation` overrides.
-
-    Schedule: the reference updates once per 16 batches, warms up linearly over its first epoch
-    (332 batches, about 20 updates) and then follows a half-cosine over 99 more epochs, of which
-    it trains one, so the learning rate stays about 3e-4 (lr_decay_steps = 99 * 332 / 16). Its
-    accumulation bug (only the last of each 16 batches reaches an update) is not reproduced:
-    here each update averages all 16 batches.
-    """
-    return dict(
-        lambda_clc=1.0,
-        w_la=1.0,
-        w_ga=0.1,
-        w_rot=0.05,
-        w_ifc=0.9,
-        w_lc=1.0,
-        w_gc=0.4,
-        scale_by_2t=True,
-        capped_distance=True,
-        ifc_warmup_steps=60,
-        ifc_min_bank_fill=59_900 / 60_000,
-        local_bank_size=60_000,
-        global_bank_size=100,
-        global_method="masked_mean",
-        accum_steps=16,
-        warmup_steps=20,
-        lr_decay_steps=2054,
-        prepend_cls=True,
-    )
 
 
 @flax.struct.dataclass

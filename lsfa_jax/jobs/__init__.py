@@ -8,18 +8,13 @@ import ml_collections
 
 from lsfa_jax import console
 from lsfa_jax.jobs.checks import check_inputs
-from lsfa_jax.jobs.common import ConfigError, prepare_workdir
-
-MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert", "export")
-METHODS = ("lsfa", "raw", "fpfh")
+from lsfa_jax.jobs.common import prepare_workdir
+from lsfa_jax.jobs.validate import validate
 
 
 def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Runs `config.mode` for `config.method`, writing everything below `workdir`."""
-    if config.mode not in MODES:
-        raise ConfigError(f"config.mode={config.mode!r}: expected one of {MODES}")
-    if config.method not in METHODS:
-        raise ConfigError(f"config.method={config.method!r}: expected one of {METHODS}")
+    validate(config)
     path = prepare_workdir(workdir)
     console.stage(
         "%s, method %s, %s: output in %s (log: run.log)",

@@ -22,7 +22,6 @@ from lsfa_jax.model_folder import (
     load_model_info,
 )
 from lsfa_jax.models.adaptors import AdaptorSettings
-from lsfa_jax.patchcore.scorer import SEARCHES
 
 
 class ConfigError(UserError, ValueError):
@@ -40,28 +39,8 @@ def selected_classes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def bank_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    """`config.patchcore.bank_dtype` (float32 | bfloat16) as a dtype."""
-    name = config.patchcore.bank_dtype
-    if name not in BANK_DTYPES:
-        raise ConfigError(f"config.patchcore.bank_dtype={name!r}: use one of {sorted(BANK_DTYPES)}")
-    return jnp.dtype(BANK_DTYPES[name])
-
-
-def check_patchcore_config(config: ml_collections.ConfigDict) -> None:
-    """Fails before any work on a bad `config.patchcore` setting."""
-    bank_dtype(config)
-    patchcore = config.patchcore
-    if patchcore.search not in SEARCHES:
-        raise ConfigError(f"config.patchcore.search={patchcore.search!r}: use one of {SEARCHES}")
-    if patchcore.approximate_dim < 1:
-        raise ConfigError(
-            f"config.patchcore.approximate_dim={patchcore.approximate_dim}: must be >= 1"
-        )
-    if patchcore.max_train_samples < 0:
-        raise ConfigError(
-            f"config.patchcore.max_train_samples={patchcore.max_train_samples}: must be >= 0 "
-            "(0: every training sample)"
-        )
+    """`config.patchcore.bank_dtype` (float32 | bfloat16, checked by `validate`) as a dtype."""
+    return jnp.dtype(BANK_DTYPES[config.patchcore.bank_dtype])
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:

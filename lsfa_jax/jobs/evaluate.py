@@ -26,7 +26,6 @@ from lsfa_jax.jobs.common import (
     ConfigError,
     bank_dtype,
     cache_dir,
-    check_patchcore_config,
     prepared_dataset,
     selected_classes,
 )
@@ -202,7 +201,6 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     manifest = RunManifest(config.to_dict())
     manifest.set_seed("seed", config.seed)
     classes = selected_classes(config)
-    check_patchcore_config(config)  # a bad setting fails before any work
     with manifest.stage("prepare"):
         prepared = prepared_dataset(config, workdir)
     source = feature_source(config, prepared, cache_dir(config, workdir))

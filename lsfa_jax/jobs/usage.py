@@ -2,8 +2,8 @@
 files with their variants, and every config key with its default and meaning.
 
 Meanings come from where each key is defined: the trailing comment (or the comment lines just
-above) of its line in configs/base.py or the chosen config file, and the key table of
-`config.adaptation` in lsfa_jax/adaptation/train.py. Nothing is listed by hand twice.
+above) of its line in configs/base.py or the chosen config file. Nothing is listed by hand
+twice.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ _ASSIGN = re.compile(r"^\s*config\.([\w.]+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
 _KWARG = re.compile(r"^\s*(\w+)\s*=\s*(.*?),?\s*(?:#\s*(.*))?$")
 _OPEN_DICT = re.compile(r"^\s*config\.([\w.]+)\s*=\s*ml_collections\.ConfigDict\(\s*(dict\()?\s*$")
 _COMMENT = re.compile(r"^\s*#\s*(.*)$")
-_TABLE_ROW = re.compile(r"^  (\w[\w, ]*?)\s{2,}(\S.*)$")
 
 
 def _comment_help(path: Path) -> dict[str, str]:
@@ -128,23 +127,10 @@ def _comment_help(path: Path) -> dict[str, str]:
     return out
 
 
-def _adaptation_help() -> dict[str, str]:
-    from lsfa_jax.adaptation import train
-
-    out = {}
-    for line in (train.__doc__ or "").splitlines():
-        row = _TABLE_ROW.match(line)
-        if row:
-            for name in row.group(1).split(","):
-                out[f"adaptation.{name.strip()}"] = row.group(2).strip()
-    return out
-
-
 def key_help(config_file: str | os.PathLike) -> dict[str, str]:
     """{dotted key: meaning} for the keys of `config_file` (and the base config it builds on)."""
     path = Path(str(config_file).split(":")[0])
-    out = _adaptation_help()
-    out.update(_comment_help(path.parent / "base.py"))
+    out = _comment_help(path.parent / "base.py")
     if path.name != "base.py" and path.exists():
         out.update(_comment_help(path))
     return out
@@ -169,8 +155,6 @@ def describe_keys(config: ml_collections.ConfigDict, config_file: str) -> str:
     lines = [f"Keys of {config_file} (set any with --config.<key>=<value>):"]
     for key, value in rows:
         text = meanings.get(key, "")
-        if not text and key.startswith("adaptation."):
-            text = "loss setting (lsfa_jax/adaptation/losses.py, LossConfig)"
         lines.append(f"  {f'--config.{key}={value!r}':<{width}}  {text}".rstrip())
     return "\n".join(lines)
 

@@ -356,10 +356,10 @@ class AdaptorSettings:
     """What applying trained adaptors needs besides their parameters (the fused qkv kernels do
     not depend on the head count, so the counts must travel with the parameters)."""
 
-    structure: str = "encoder1"
-    rgb_heads: int = 12
-    xyz_heads: int = 12
-    prepend_cls: bool = False
+    structure: str
+    rgb_heads: int
+    xyz_heads: int
+    prepend_cls: bool
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> AdaptorSettings:

@@ -316,13 +316,13 @@ def score_batch(
 class ScoringSettings:
     """How a split is scored against a bank (`score_batch`'s options plus the batch size)."""
 
-    out_size: int = 224
-    reweight: bool = True
-    blur: str = "gaussian"
-    sigma: float = 4.0
-    search: str = "screened"
-    approximate_dim: int = 128
-    batch_size: int = 8
+    out_size: int
+    reweight: bool
+    blur: str
+    sigma: float
+    search: str
+    approximate_dim: int
+    batch_size: int
 
     @classmethod
     def from_config(cls, config: Any) -> ScoringSettings:
