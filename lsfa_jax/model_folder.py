@@ -109,12 +109,47 @@ class ModelInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """A setting's decision thresholds: on the image score and on map pixels, each with the
+    rule that chose it and that rule's description (`fusion.choose_threshold`)."""
+
+    image: float
+    rule: str
+    description: str
+    pixel: float | None
+    pixel_rule: str
+    pixel_description: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.image,
+            "rule": self.rule,
+            "description": self.description,
+            "pixel_threshold": self.pixel,
+            "pixel_rule": self.pixel_rule,
+            "pixel_description": self.pixel_description,
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Thresholds:
+        pixel = record.get("pixel_threshold")
+        return cls(
+            image=float(record["threshold"]),
+            rule=str(record.get("rule", "")),
+            description=str(record.get("description", "")),
+            pixel=None if pixel is None else float(pixel),
+            pixel_rule=str(record.get("pixel_rule", "")),
+            pixel_description=str(record.get("pixel_description", "")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassModel:
-    """fusion.json of one class: fusion (None with one modality), {setting: threshold record},
+    """fusion.json of one class: fusion (None with one modality), {setting: thresholds},
     {setting: (vmin, vmax)} colour scale of its anomaly maps."""
 
     fusion: fusion.Fusion | None
-    thresholds: dict[str, dict[str, float]]
+    thresholds: dict[str, Thresholds]
     map_scale: dict[str, tuple[float, float]]
 
 
@@ -198,7 +233,7 @@ def save_class_model(path: Path, model: ClassModel) -> None:
         path,
         {
             "fusion": None if model.fusion is None else fusion.fusion_to_dict(model.fusion),
-            "thresholds": model.thresholds,
+            "thresholds": {s: t.to_json() for s, t in model.thresholds.items()},
             "map_scale": {s: list(v) for s, v in model.map_scale.items()},
         },
     )
@@ -216,7 +251,7 @@ def load_class_model(path: Path) -> ClassModel:
     stored = record["fusion"]
     return ClassModel(
         fusion=None if stored is None else fusion.fusion_from_dict(stored, where=str(path)),
-        thresholds=record["thresholds"],
+        thresholds={s: Thresholds.from_json(t) for s, t in record["thresholds"].items()},
         map_scale={s: (float(v[0]), float(v[1])) for s, v in record["map_scale"].items()},
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def _class_model(method: str | None) -> model_store.ClassModel:
             {"rgb": rng.normal(size=(2, 4, 4)), "xyz": rng.normal(size=(2, 4, 4))},
             method,
         )
-    thresholds = {"3D": {"threshold": 0.25, "precision": 0.5, "recall": float("nan")}}
+    thresholds = {
+        "3D": model_store.Thresholds(0.25, "quantile", "0.99 quantile", float("nan"), "f1", "")
+    }
     return model_store.ClassModel(fused, thresholds, {"3D": (0.125, 2.5), "RGB+3D": (-1.0, 3.0)})
 
 
@@ -87,9 +90,9 @@ def test_class_model_round_trip(tmp_path: Path, method: str | None) -> None:
     loaded = model_store.load_class_model(path)
     assert loaded.fusion == model.fusion
     assert loaded.map_scale == model.map_scale
-    assert loaded.thresholds["3D"]["threshold"] == 0.25
+    assert loaded.thresholds["3D"] == dataclasses.replace(model.thresholds["3D"], pixel=None)
     # Undefined is null in the (strict) JSON, None when read back.
-    assert loaded.thresholds["3D"]["recall"] is None
+    assert json.loads(path.read_text())["thresholds"]["3D"]["pixel_threshold"] is None
     assert "NaN" not in path.read_text()
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from lsfa_jax import fusion, metrics
 from lsfa_jax.data import pipeline
 from lsfa_jax.features.cache import SplitFeatures
-from lsfa_jax.model_folder import ClassModel
+from lsfa_jax.model_folder import ClassModel, Thresholds
 from lsfa_jax.models.adaptors import AdaptorSettings, adapt_features
 from lsfa_jax.patchcore.bank import MemoryBank
 from lsfa_jax.patchcore.scorer import ScoringSettings, score_features
@@ -62,6 +62,26 @@ def read_labelled_split(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdOutcome:
+    """A stored image threshold applied to a test split: its precision and recall there, with
+    the rules (and the pixel threshold) for the report."""
+
+    threshold: float
+    precision: float
+    recall: float
+    rule: str
+    pixel_threshold: float | None
+    pixel_rule: str
+
+    def to_json(self) -> dict[str, float | str]:
+        """The threshold table's row (`reports.tables.write_threshold_table`)."""
+        out = dataclasses.asdict(self)
+        if self.pixel_threshold is None:
+            del out["pixel_threshold"], out["pixel_rule"]
+        return out
+
+
 @dataclasses.dataclass
 class ClassResult:
     """One class's test results, per setting: metrics and their notes, the stored threshold with
@@ -69,7 +89,7 @@ class ClassResult:
 
     metrics: dict[str, dict[str, float]]
     notes: dict[str, list[str]]
-    thresholds: dict[str, dict[str, float]]
+    thresholds: dict[str, ThresholdOutcome]
     per_defect: dict[str, dict[str, dict[str, float]]]
     curves: dict[str, tuple]
     outputs: Outputs
@@ -118,27 +138,26 @@ def setting_outputs(per_modality: Outputs, fused: fusion.Fusion | None) -> Outpu
 class ThresholdSettings:
     """`config.fusion`'s threshold rules for images and pixels (fusion.THRESHOLD_RULES)."""
 
-    rule: str = "auto"
-    quantile: float = 0.99
-    target_fpr: float = 0.01
-    value: float | None = None
-    pixel_rule: str = "auto"
-    pixel_quantile: float = 0.99
-    pixel_target_fpr: float = 0.01
-    pixel_value: float | None = None
+    rule: str
+    quantile: float
+    target_fpr: float
+    value: float | None
+    pixel_rule: str
+    pixel_quantile: float
+    pixel_target_fpr: float
+    pixel_value: float | None
 
     @classmethod
     def from_config(cls, fusion_cfg: Mapping) -> ThresholdSettings:
-        get = fusion_cfg.get
         return cls(
-            rule=get("threshold_rule", "auto"),
-            quantile=float(get("threshold_quantile", 0.99)),
-            target_fpr=float(get("threshold_target_fpr", 0.01)),
-            value=get("threshold_value", None),
-            pixel_rule=get("pixel_threshold_rule", "auto"),
-            pixel_quantile=float(get("pixel_threshold_quantile", 0.99)),
-            pixel_target_fpr=float(get("pixel_threshold_target_fpr", 0.01)),
-            pixel_value=get("pixel_threshold_value", None),
+            rule=fusion_cfg["threshold_rule"],
+            quantile=float(fusion_cfg["threshold_quantile"]),
+            target_fpr=float(fusion_cfg["threshold_target_fpr"]),
+            value=fusion_cfg["threshold_value"],
+            pixel_rule=fusion_cfg["pixel_threshold_rule"],
+            pixel_quantile=float(fusion_cfg["pixel_threshold_quantile"]),
+            pixel_target_fpr=float(fusion_cfg["pixel_threshold_target_fpr"]),
+            pixel_value=fusion_cfg["pixel_threshold_value"],
         )
 
 
@@ -149,10 +168,9 @@ def class_thresholds(
     *,
     labels: np.ndarray | None = None,
     masks: np.ndarray | None = None,
-) -> dict:
+) -> Thresholds:
     """The image and pixel thresholds of one setting from its validation outputs: scores (N,),
-    maps (N, S, S), with labels (N,) / masks (N, S, S) when the split holds defects. The
-    record keeps each value, its rule and the rule's description."""
+    maps (N, S, S), with labels (N,) / masks (N, S, S) when the split holds defects."""
     normal = slice(None) if labels is None else np.asarray(labels) == 0
     image = fusion.choose_threshold(
         settings.rule,
@@ -173,36 +191,27 @@ def class_thresholds(
         value=settings.pixel_value,
         what="pixels",
     )
-    return {
-        "threshold": image.value,
-        "rule": image.rule,
-        "description": image.description,
-        "pixel_threshold": pixel.value,
-        "pixel_rule": pixel.rule,
-        "pixel_description": pixel.description,
-    }
+    return Thresholds(
+        image=image.value,
+        rule=image.rule,
+        description=image.description,
+        pixel=pixel.value,
+        pixel_rule=pixel.rule,
+        pixel_description=pixel.description,
+    )
 
 
 def calibrate_class(
     validation: Outputs,
     *,
     fusion_method: str,
-    threshold_quantile: float = 0.99,
-    thresholds: ThresholdSettings | None = None,
+    thresholds: ThresholdSettings,
     labels: np.ndarray | None = None,
     masks: np.ndarray | None = None,
 ) -> ClassModel:
     """Fusion, decision thresholds and map colour scales from the validation samples'
     per-modality outputs (normal ones, unless `labels` (N,) marks defects among them; `masks`
-    (N, S, S) are their ground truth). `thresholds` defaults to the normal-quantile rule at
-    `threshold_quantile` for images and pixels."""
-    if thresholds is None:
-        thresholds = ThresholdSettings(
-            rule="quantile",
-            quantile=threshold_quantile,
-            pixel_rule="quantile",
-            pixel_quantile=threshold_quantile,
-        )
+    (N, S, S) are their ground truth)."""
     normal = slice(None) if labels is None else np.asarray(labels) == 0
     fused = None
     if len(validation) == 2:
@@ -234,17 +243,15 @@ def test_class(model: ClassModel, test: Outputs, split: LabelledSplit) -> ClassR
             split.defect_types, labels, scores, split.masks, maps
         )
         stored = model.thresholds[setting]
-        threshold = float(stored["threshold"])
-        stats = fusion.precision_recall_at(threshold, labels, scores)
-        result.thresholds[setting] = {
-            "threshold": threshold,
-            "precision": float(stats.precision),
-            "recall": float(stats.recall),
-            "rule": stored.get("description", stored.get("rule", "")),
-        }
-        if "pixel_threshold" in stored:
-            result.thresholds[setting]["pixel_threshold"] = float(stored["pixel_threshold"])
-            result.thresholds[setting]["pixel_rule"] = stored.get("pixel_description", "")
+        stats = fusion.precision_recall_at(stored.image, labels, scores)
+        result.thresholds[setting] = ThresholdOutcome(
+            threshold=stored.image,
+            precision=float(stats.precision),
+            recall=float(stats.recall),
+            rule=stored.description or stored.rule,
+            pixel_threshold=stored.pixel,
+            pixel_rule=stored.pixel_description,
+        )
         if len(set(labels.tolist())) == 2:
             roc = metrics.roc_curve_points(labels, scores)[:2]
             pro = (

@@ -50,9 +50,9 @@ def write_class_outputs(
             k=num_overlays,
             sample_names=[i.replace("/", "_") for i in split.file_id],
             scale=model.map_scale[main],
-            threshold=float(model.thresholds[main]["threshold"]),
-            rule=model.thresholds[main].get("description", ""),
-            pixel_threshold=model.thresholds[main].get("pixel_threshold"),
+            threshold=model.thresholds[main].image,
+            rule=model.thresholds[main].description,
+            pixel_threshold=model.thresholds[main].pixel,
         )
     if draw_plots and result.curves:
         plots.plot_roc(
@@ -85,7 +85,9 @@ class RunResults:
         for setting, values in result.metrics.items():
             self.metrics.setdefault(setting, {})[class_name] = values
             self.notes.setdefault(setting, {})[class_name] = result.notes[setting]
-            self.thresholds.setdefault(setting, {})[class_name] = result.thresholds[setting]
+            self.thresholds.setdefault(setting, {})[class_name] = result.thresholds[
+                setting
+            ].to_json()
 
 
 def write_run_reports(

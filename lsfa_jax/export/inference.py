@@ -149,7 +149,7 @@ def class_program(
         grid_size=int(run.grid_size),
         scoring=scoring,
         main_setting=main,
-        threshold=float(model.thresholds[main]["threshold"]),
+        threshold=model.thresholds[main].image,
         fusion=None if model.fusion is None else model.fusion.method,
         rgb_cfg=rgb_cfg,
         point_cfg=point_cfg,

@@ -194,9 +194,9 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
     per_modality = class_eval.score_modalities(banks, arrays, scoring, "scoring")
     settings = class_eval.setting_outputs(per_modality, stored.fusion)
     main = class_eval.FUSED if class_eval.FUSED in settings else "3D"
-    threshold = float(stored.thresholds[main]["threshold"])
-    pixel_threshold = stored.thresholds[main].get("pixel_threshold")
-    rule = stored.thresholds[main].get("description", "")
+    threshold = stored.thresholds[main].image
+    pixel_threshold = stored.thresholds[main].pixel
+    rule = stored.thresholds[main].description
     vmin, vmax = stored.map_scale[main]
     scores, maps = settings[main]
     labelled = labelled_split(samples, inputs) is not None

@@ -1,9 +1,9 @@
 """`validate(config)`: every enumerated choice and range of a run config, checked before any work.
 
 The choices are the library's own tuples (one list per setting, where the code that acts on it
-lives), so a new option is allowed here as soon as it exists there. Settings that the library
-reads into frozen dataclasses (`LossConfig`, `ScoringSettings`, `AdaptorSettings`) are built
-once here too, so their own checks run up front and name the config key.
+lives), so a new option is allowed here as soon as it exists there. The settings the library
+reads into frozen dataclasses (`LossConfig`, `ScoringSettings`, `AdaptorSettings`,
+`ThresholdSettings`) are built once here too, so their own checks run up front.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ml_collections
 from lsfa_jax.adaptation.kmeans import GLOBAL_METHODS
 from lsfa_jax.adaptation.losses import LossConfig
 from lsfa_jax.data.prepare import DATASETS
+from lsfa_jax.evaluators.class_eval import ThresholdSettings
 from lsfa_jax.fusion import FUSION_METHODS, THRESHOLD_RULES
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.model_folder import BANK_DTYPES
@@ -87,6 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         lambda: LossConfig.from_config(config.adaptation),
         lambda: AdaptorSettings.from_mapping(config.adaptation),
         lambda: ScoringSettings.from_config(config),
+        lambda: ThresholdSettings.from_config(config.fusion),
     ):
         try:
             build()
