@@ -1,4 +1,5 @@
-"""Point-branch throughput and peak memory: JAX vs the torch reference (torch_reference.py).
+"""Point-branch throughput and peak memory: JAX vs the torch reference
+(tests/helpers/torch_point_mae.py).
 
 One organized cloud (default: MVTec 3D-AD cable_gland test/good/000, legacy-nearest resized to
 224x224) goes through the whole point branch at the real config (1024 groups of 128, 12 x 384
@@ -19,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch_reference as reference
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tests.helpers.torch_point_mae as reference
 from lsfa_jax.atomic_io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]

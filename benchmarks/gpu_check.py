@@ -41,8 +41,6 @@ import bench_end_to_end  # noqa: E402
 from bench_train_step import train_step_figures  # noqa: E402
 from common import best_of, device_peak_mib, machine_description  # noqa: E402
 
-from benchmarks.torch_reference import REAL_CFG, make_torch_model, torch_point_grid  # noqa: E402
-from benchmarks.torch_vit_reference import torch_model, torch_tokens  # noqa: E402
 from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 from lsfa_jax.features.backbones import point_mae_patch_grid, point_mae_patch_grid_batch  # noqa: E402
 from lsfa_jax.models import point_mae, vit  # noqa: E402
@@ -54,6 +52,8 @@ from lsfa_jax.patchcore.knn import (  # noqa: E402
 )
 from lsfa_jax.patchcore.scorer import score_batch  # noqa: E402
 from lsfa_jax.precision import POLICIES  # noqa: E402
+from tests.helpers.torch_point_mae import REAL_CFG, make_torch_model, torch_point_grid  # noqa: E402
+from tests.helpers.torch_vit import torch_model, torch_tokens  # noqa: E402
 
 QUICK_VIT = vit.ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
 QUICK_POINT = dict(

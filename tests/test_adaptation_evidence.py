@@ -1,5 +1,6 @@
 """Direction of the adaptation effect on the controlled feature model of
-benchmarks/bench_adaptation.py (one fixed seed; the 5-seed table is docs/adaptation_evidence.md).
+tests/helpers/adaptation_experiment.py (one fixed seed; the 5-seed table is in
+docs/adaptation_evidence.md).
 
 Positive case (anomaly along a code direction normal samples do not use): the full LSFA loss
 must raise the RGB I-AUROC over raw PatchCore by at least 0.2 and the anomaly/normal patch-score
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_adaptation import run_one
+from tests.helpers.adaptation_experiment import run_one
 
 pytestmark = pytest.mark.slow  # two 200-step trainings
 

@@ -17,37 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.runs import CONFIG_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("sphere_cap", "box")
-SMALL_CONFIG = """
-from configs.synthetic import get_config as synthetic_config
-
-
-def get_config():
-    c = synthetic_config()
-    c.data.classes = "sphere_cap,box"
-    c.data.image_size = 32
-    c.data.preprocess = False
-    c.data.num_workers = 1
-    c.data.synthetic.classes = ("sphere_cap", "box")
-    c.data.synthetic.image_size = 64
-    c.data.synthetic.num_train = 4
-    c.data.synthetic.num_validation = 2
-    c.data.synthetic.num_test_good = 2
-    c.data.synthetic.num_test_per_defect = 1
-    c.rgb_backbone.update(depth=1, embed_dim=32, num_heads=2)
-    c.point_backbone.update(
-        num_group=32, group_size=8, trans_dim=32, depth=1, num_heads=2, out_layers=(0,)
-    )
-    c.grid_size = 8
-    c.batch_size = 2
-    c.adaptation.update(
-        num_steps=2, batch_size=2, rgb_heads=2, xyz_heads=2, proj_dim=16, checkpoint_every=1,
-        global_bank_size=4, local_bank_size=256, warmup_steps=1, log_every=1,
-    )
-    c.report.num_overlays = 1
-    return c
-"""
 
 
 def _is_progress(line: str) -> bool:
@@ -58,11 +31,14 @@ def _is_progress(line: str) -> bool:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     """(workdir, console output, exit code) of the run, started from an unrelated folder."""
     folder = tmp_path_factory.mktemp("cli_run")
-    config = folder / "small.py"
-    config.write_text(SMALL_CONFIG)
     workdir = folder / "work"
     done = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), f"--config={config}", f"--workdir={workdir}"],
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            f"--config={CONFIG_FILE}:{','.join(CLASSES)}",
+            f"--workdir={workdir}",
+        ],
         cwd=folder,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # interleaved, as on a terminal

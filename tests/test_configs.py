@@ -111,3 +111,10 @@ def test_defaults_live_in_configs_only() -> None:
     fields = {f.name for f in dataclasses.fields(LossConfig)}
     assert fields <= set(get_base_config().adaptation)
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(LossConfig))
+
+
+def test_tests_share_helpers_only_through_tests_helpers() -> None:
+    """No test file imports another test file or a benchmark (shared code is tests/helpers/)."""
+    pattern = re.compile(r"^\s*(from|import)\s+(test_\w+|tests\.test_\w+|benchmarks)\b", re.M)
+    offenders = [p.name for p in Path("tests").rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders

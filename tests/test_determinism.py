@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_robustness_faults import (
-    assert_same_outputs,
-    finish,
-    generate_raw,
-    run_outputs,
-    start_run,
-    write_tiny_config,
-)
 
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
+from tests.helpers.runs import (
+    assert_same_outputs,
+    finish,
+    flatten,
+    generate_raw,
+    run_config,
+    run_outputs,
+    start_run,
+)
 
 
 def cached_features(workdir: Path) -> dict[str, np.ndarray]:
@@ -41,19 +42,10 @@ def checkpoint_params(workdir: Path) -> dict[str, np.ndarray]:
     out = {}
     for step in sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()):
         params = load_adaptor_params(directory, step=step)
-        out.update({f"{step}/params{k}": v for k, v in _flatten(params).items()})
+        out.update({f"{step}/params{k}": v for k, v in flatten(params).items()})
         digest = json.loads((directory / str(step) / "digest" / "metadata").read_text())
         out[f"{step}/state_sha256"] = np.asarray(digest["sha256"])
     return out
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    if isinstance(tree, dict):
-        out = {}
-        for key in sorted(tree):
-            out.update(_flatten(tree[key], f"{prefix}/{key}"))
-        return out
-    return {prefix: np.asarray(tree)}
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -66,10 +58,10 @@ def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.mark.slow
 def test_two_runs_with_the_same_seed_are_bit_identical(tmp_path: Path) -> None:
-    config_path, config = write_tiny_config(tmp_path)
+    args, config = run_config()
     raw = generate_raw(tmp_path, config)
     raw_before = _snapshot(raw)
-    runs = [start_run(config_path, raw, tmp_path / name) for name in ("first", "second")]
+    runs = [start_run(args, raw, tmp_path / name) for name in ("first", "second")]
     for process, log in runs:
         finish(process, log)
     assert _snapshot(raw) == raw_before  # the input dataset is never modified

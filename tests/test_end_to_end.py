@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_robustness_faults import generate_raw, write_tiny_config
 
 from lsfa_jax.jobs import run_job
+from tests.helpers.runs import generate_raw, run_config
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def _scores(workdir: Path) -> dict:
 
 
 def test_train_save_eval_predict_reproduce_scores(tmp_path: Path) -> None:
-    _, config = write_tiny_config(tmp_path)
+    _, config = run_config()
     raw = generate_raw(tmp_path, config)
     config.data_dir = str(raw)
     config.cache_dir = str(tmp_path / "cache")
@@ -54,7 +54,7 @@ def test_train_save_eval_predict_reproduce_scores(tmp_path: Path) -> None:
 
 
 def test_fpfh_finds_geometric_defects_not_colour_ones(tmp_path: Path) -> None:
-    _, config = write_tiny_config(tmp_path)
+    _, config = run_config()
     config.method = "fpfh"
     config.data.image_size = 224
     config.grid_size = 56

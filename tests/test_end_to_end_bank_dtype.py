@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_recompilation import _tiny_evaluation_config
 
 from lsfa_jax import model_folder as model_store
 from lsfa_jax.evaluators import class_eval
 from lsfa_jax.jobs import evaluate, predict
 from lsfa_jax.reports import overlays
+from tests.helpers.tiny import tiny_evaluation_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("bank_dtype")
     out = {"root": root}
     for dtype in ("float32", "bfloat16"):
-        config = _tiny_evaluation_config(root / "raw")
+        config = tiny_evaluation_config(root / "raw")
         config.cache_dir = str(root / "cache")
         config.patchcore.bank_dtype = dtype
         out[dtype] = (config, root / dtype, evaluate.run_evaluation(config, root / dtype))

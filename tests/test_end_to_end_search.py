@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from test_recompilation import _tiny_evaluation_config
 
 from lsfa_jax import model_folder as model_store
 from lsfa_jax.jobs import evaluate, run_job
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.patchcore.coreset import coreset_size
+from tests.helpers.tiny import tiny_evaluation_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("approximate", dict(search="approximate", approximate_dim=4096)),
         ("capped", dict(search="screened", max_train_samples=2)),
     ):
-        config = _tiny_evaluation_config(root / "raw")
+        config = tiny_evaluation_config(root / "raw")
         config.cache_dir = str(root / "cache")
         config.patchcore.update(overrides)
         out[name] = (config, root / name, evaluate.run_evaluation(config, root / name))
@@ -92,7 +92,7 @@ def test_max_train_samples_caps_the_bank_library(runs: dict) -> None:
     ],
 )
 def test_bad_patchcore_settings_fail_before_any_work(tmp_path, key, value, message) -> None:
-    config = _tiny_evaluation_config(tmp_path / "raw")
+    config = tiny_evaluation_config(tmp_path / "raw")
     config.patchcore[key] = value
     with pytest.raises(ConfigError, match=message):
         run_job(config, tmp_path / "work")

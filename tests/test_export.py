@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from test_own_parts import _tiny
 
 from configs.synthetic import get_config as synthetic_config
 from lsfa_jax import model_folder
 from lsfa_jax.export import artifacts, load
 from lsfa_jax.jobs import run_job
 from lsfa_jax.jobs.common import ConfigError
+from tests.helpers.tiny import shrink
 
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
@@ -77,7 +77,7 @@ print(json.dumps({"jax": error(jax_out), "onnx": error(onnx_out), "heavy": heavy
 
 def _train(tmp_path_factory: pytest.TempPathFactory, method: str) -> Path:
     root = tmp_path_factory.mktemp(f"export_{method}")
-    config = _tiny(synthetic_config())
+    config = shrink(synthetic_config())
     config.method = method
     config.data_dir = str(root / "data")
     config.data.classes = "box"

@@ -19,6 +19,7 @@ from lsfa_jax.data import folder, synthetic
 from lsfa_jax.data.mvtec3d import DataError
 from lsfa_jax.jobs import run_job
 from lsfa_jax.jobs.common import ConfigError
+from tests.helpers.tiny import shrink
 
 pytestmark = pytest.mark.slow
 
@@ -122,27 +123,6 @@ def test_folder_reader_needs_train_good(tmp_path: Path) -> None:
 # --- end to end on generated data ----------------------------------------------------------------
 
 
-def _tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The smallest pipeline: 32 px images, an 8x8 grid, depth-1 random backbones."""
-    config.data.image_size = 32
-    config.data.preprocess = False
-    config.data.num_workers = 1
-    config.allow_random_init = True
-    config.rgb_backbone.update(depth=1, embed_dim=32, num_heads=2)
-    config.point_backbone.update(
-        num_group=32, group_size=8, trans_dim=32, depth=1, num_heads=2, out_layers=(0,)
-    )
-    config.grid_size = 8
-    config.batch_size = 2
-    config.adaptation.update(
-        num_steps=2, batch_size=2, rgb_heads=2, xyz_heads=2, proj_dim=16, checkpoint_every=1,
-        global_bank_size=4, local_bank_size=256, warmup_steps=1, log_every=1,
-    )  # fmt: skip
-    config.report.num_overlays = 1
-    config.report.plots = True
-    return config
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic samples laid out as own data: classes `my_part` and `other_part`, no
@@ -170,7 +150,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _folder_run(parts: Path, method: str, classes: str) -> ml_collections.ConfigDict:
-    config = _tiny(folder_config())
+    config = shrink(folder_config())
     config.method = method
     config.data_dir = str(parts)
     config.data.classes = classes

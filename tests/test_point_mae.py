@@ -1,4 +1,4 @@
-"""Point-MAE branch against independent references (benchmarks/torch_reference.py): numpy
+"""Point-MAE branch against independent references (tests/helpers/torch_point_mae.py): numpy
 FPS/kNN, a torch Point-MAE encoder with the official parameter names, and a torch interpolation
 + pooling pipeline."""
 
@@ -13,7 +13,11 @@ import pytest
 import tifffile
 import torch
 
-from benchmarks.torch_reference import (
+from lsfa_jax.features import backbones
+from lsfa_jax.features.patch_grid import pack_valid_points
+from lsfa_jax.models import checkpoint_io
+from lsfa_jax.models import point_mae as pm
+from tests.helpers.torch_point_mae import (
     REAL_CFG,
     TorchPointMAE,
     fps_numpy,
@@ -23,10 +27,6 @@ from benchmarks.torch_reference import (
     squared_distances_np,
     torch_point_grid,
 )
-from lsfa_jax.features import backbones
-from lsfa_jax.features.patch_grid import pack_valid_points
-from lsfa_jax.models import checkpoint_io
-from lsfa_jax.models import point_mae as pm
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample"
 SMALL_CFG = dict(

@@ -26,11 +26,7 @@ from lsfa_jax.models import point_mae, vit
 from lsfa_jax.patchcore.bank import build_memory_bank
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
-
-# The smallest Point-MAE branch the extractors and the tiny evaluations both run.
-TINY_POINT_BACKBONE = dict(
-    num_group=8, group_size=8, trans_dim=16, depth=2, num_heads=2, mlp_ratio=2, out_layers=(0, 1)
-)
+from tests.helpers.tiny import TINY_POINT_BACKBONE, tiny_evaluation_config
 
 _COMPILING = re.compile(r"Compiling (?:jit\()?([^\s()]+)")
 
@@ -193,38 +189,6 @@ def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path)
         np.testing.assert_array_equal(alone[name], features[name][8:])
 
 
-def _tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
-    from configs import synthetic as synthetic_config
-
-    config = synthetic_config.get_config()
-    config.method = "raw"
-    config.data_dir = str(data_dir)
-    config.data.preprocess = False
-    config.data.num_workers = 1
-    config.data.image_size = 32
-    config.data.synthetic.update(
-        dict(
-            classes=("sphere_cap", "torus"),
-            image_size=32,
-            num_train=3,
-            num_validation=2,
-            num_test_good=2,
-            num_test_per_defect=1,
-        )
-    )
-    config.rgb_backbone = ml_collections.ConfigDict(
-        dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2)
-    )
-    config.point_backbone = ml_collections.ConfigDict(TINY_POINT_BACKBONE)
-    config.grid_size = 8  # 32 px / patch 8 = 4 tokens, replicated 2x -> 8x8, as the point grid
-    config.batch_size = 2  # splits of 3 and 5 samples: the last batch is padded
-    config.patchcore.coreset_ratio = 0.25
-    config.patchcore.rgb_coreset_ratio = 0.25
-    config.report.num_overlays = 0
-    config.report.plots = False
-    return config
-
-
 def test_run_evaluation_scores_the_second_class_without_compiling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,7 +199,7 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     from lsfa_jax.jobs import evaluate
 
     jax.clear_caches()  # earlier tests in this process may have compiled the same shapes
-    config = _tiny_evaluation_config(tmp_path / "raw")
+    config = tiny_evaluation_config(tmp_path / "raw")
     per_class: list[dict] = []
     original_score = class_eval.score_features
     original_one_class = evaluate.evaluate_one_class

@@ -12,13 +12,8 @@ checkpoints; temp result files are covered with their writer in test_atomic_io.p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import ml_collections
@@ -26,167 +21,36 @@ import numpy as np
 import pytest
 
 from lsfa_jax.adaptation.checkpointing import Checkpointer, load_adaptor_params
-from lsfa_jax.data import pipeline, prepare, synthetic
+from lsfa_jax.data import pipeline, prepare
 from lsfa_jax.features import cache
+from tests.helpers.runs import (
+    assert_same_outputs,
+    finish,
+    generate_raw,
+    kill_at,
+    run_config,
+    run_outputs,
+    start_run,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 SEED = 20240917  # picks the kill points; fixed so a failure can be reproduced
-
-# The smallest config whose whole pipeline runs: 32 px images, 8x8 patch grid, one class,
-# depth-1 backbones, 4 epochs of 2 batches with a checkpoint after every batch.
-TINY_CONFIG = """
-from configs.synthetic import get_config as synthetic_config
-
-
-def get_config():
-    c = synthetic_config()
-    c.data.classes = "box"
-    c.data.image_size = 32
-    c.data.preprocess = False
-    c.data.num_workers = 1
-    c.data.synthetic.classes = ("box",)
-    c.data.synthetic.image_size = 64
-    c.data.synthetic.num_train = 4
-    c.data.synthetic.num_validation = 2
-    c.data.synthetic.num_test_good = 2
-    c.data.synthetic.num_test_per_defect = 1
-    c.rgb_backbone.update(depth=1, embed_dim=32, num_heads=2)
-    c.point_backbone.update(
-        num_group=32, group_size=8, trans_dim=32, depth=1, num_heads=2, out_layers=(0,)
-    )
-    c.grid_size = 8
-    c.batch_size = 2
-    c.adaptation.update(
-        num_epochs=4, batch_size=2, rgb_heads=2, xyz_heads=2, proj_dim=16, checkpoint_every=1,
-        global_bank_size=4, local_bank_size=256, warmup_steps=1, log_every=1,
-    )
-    c.report.num_overlays = 0
-    c.report.plots = False
-    return c
-"""
-
-
-def write_tiny_config(folder: Path) -> tuple[Path, ml_collections.ConfigDict]:
-    """Writes TINY_CONFIG to folder/tiny.py; returns its path and the config it builds."""
-    path = folder / "tiny.py"
-    path.write_text(TINY_CONFIG)
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return path, module.get_config()
-
-
-def generate_raw(folder: Path, config: ml_collections.ConfigDict) -> Path:
-    """Generates the raw dataset once, so concurrent runs only read it."""
-    raw = folder / "raw"
-    syn = synthetic.SyntheticConfig.from_mapping(config.data.synthetic.to_dict())
-    synthetic.generate_dataset(raw, syn)
-    assert synthetic.is_generated(raw, syn)
-    return raw
-
-
-def start_run(config_path: Path, raw: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
-    """Starts `main.py` with its own process group; stdout and stderr go to workdir.log."""
-    log = workdir.parent / f"{workdir.name}.{int(time.monotonic() * 1e6)}.log"
-    handle = log.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "main.py",
-            f"--config={config_path}",
-            f"--workdir={workdir}",
-            f"--config.data_dir={raw}",
-            "--verbose",  # the markers below are INFO records, on the console only with it
-        ],
-        cwd=REPO,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"},
-        start_new_session=True,
-    )
-    handle.close()
-    return process, log
-
-
-def finish(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
-    process.wait(timeout=timeout)
-    text = log.read_text()
-    assert process.returncode == 0, text[-3000:]
-    return text
-
-
-def kill_at(process: subprocess.Popen, log: Path, marker: str, delay: float) -> str:
-    """SIGKILLs the run `delay` s after `marker` first appears in its log; returns the log."""
-    deadline = time.monotonic() + 300
-    while marker not in log.read_text():
-        assert process.poll() is None, f"ended before {marker!r}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{marker!r} never appeared"
-        time.sleep(0.02)
-    time.sleep(delay)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
-    return log.read_text()
-
-
-def run_outputs(workdir: Path) -> dict[str, object]:
-    """What a run produces: scores, metrics, thresholds, banks, the final adaptor params and the
-    digest of the final training state."""
-    outputs: dict[str, object] = {
-        name: (workdir / name).read_text()
-        for name in (
-            "scores/box.json",
-            "results/results.json",
-            "results/thresholds.json",
-            "model/box/fusion.json",
-        )
-    }
-    for modality in ("rgb", "xyz"):
-        with np.load(workdir / "model" / "box" / f"{modality}.npz") as bank:
-            outputs.update({f"bank/{modality}/{k}": bank[k] for k in bank.files})
-    checkpoints = workdir / "adaptation" / "checkpoints"
-    params = load_adaptor_params(checkpoints)
-    # The SHA-256 the trainer stores with each step covers the whole TrainState (optimizer,
-    # banks, rng, data position), not only the parameters.
-    last = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    outputs["state_digest"] = (checkpoints / str(last) / "digest" / "metadata").read_text()
-    flat = {"/".join(str(k) for k in path): leaf for path, leaf in _leaves(params)}
-    outputs.update({f"params/{k}": v for k, v in flat.items()})
-    return outputs
-
-
-def _leaves(tree, prefix=()):
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            yield from _leaves(tree[key], (*prefix, key))
-    else:
-        yield prefix, np.asarray(tree)
-
-
-def assert_same_outputs(expected: dict, actual: dict) -> None:
-    assert sorted(expected) == sorted(actual)
-    for key, value in expected.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(actual[key], value, err_msg=key)
-        else:
-            assert actual[key] == value, key
 
 
 @pytest.mark.slow
 def test_killed_and_restarted_run_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    config_path, config = write_tiny_config(tmp_path)
+    args, config = run_config()
     raw = generate_raw(tmp_path, config)
     rng = random.Random(SEED)
     kill_step = rng.randint(2, 6)  # of 8 training steps; >= 2 so a complete checkpoint exists
     kill_delay = rng.uniform(0.0, 0.15)  # a training step takes about 0.2 s
 
-    reference, reference_log = start_run(config_path, raw, tmp_path / "reference")
-    killed, killed_log = start_run(config_path, raw, tmp_path / "killed")
+    reference, reference_log = start_run(args, raw, tmp_path / "reference")
+    killed, killed_log = start_run(args, raw, tmp_path / "killed")
     # Inside adaptor training, just after the save of checkpoint `kill_step` started.
     kill_at(killed, killed_log, f"Saving checkpoint at step {kill_step}", kill_delay)
     assert not (tmp_path / "killed" / "results").exists()
     # Completion.
-    final, final_log = start_run(config_path, raw, tmp_path / "killed")
+    final, final_log = start_run(args, raw, tmp_path / "killed")
     final_text = finish(final, final_log)
     finish(reference, reference_log)
 

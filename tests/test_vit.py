@@ -1,5 +1,5 @@
 """DINO ViT in Flax against a small PyTorch reference ViT with the official names
-(benchmarks/torch_vit_reference.py)."""
+(tests/helpers/torch_vit.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from ml_collections import ConfigDict
 from PIL import Image
 from safetensors.torch import save_file
 
-from benchmarks.torch_vit_reference import torch_model, torch_tokens
 from lsfa_jax.models import vit
 from lsfa_jax.models.checkpoint_io import CheckpointError, load_state_dict, save_orbax
+from tests.helpers.torch_vit import torch_model, torch_tokens
 
 SMALL = vit.ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4)
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample"

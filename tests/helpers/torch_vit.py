@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.torch_reference import TorchMlp
+from tests.helpers.torch_point_mae import TorchMlp
 
 
 class TorchAttention(nn.Module):

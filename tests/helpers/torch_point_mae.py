@@ -2,8 +2,8 @@
 
 An eval-mode Point-MAE encoder with the official parameter names and M3DM's feature taps,
 numpy FPS / kNN, and the torch interpolation + pooling pipeline onto the patch grid. The tests
-(tests/test_point_mae.py, `from benchmarks.torch_reference import ...`) compare the JAX branch
-with it; benchmarks/bench_point_mae.py (`import torch_reference`) times it.
+(tests/test_point_mae.py) compare the JAX branch
+with it; benchmarks/bench_point_mae.py times it.
 """
 
 from __future__ import annotations
