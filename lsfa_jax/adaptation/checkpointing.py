@@ -58,8 +58,11 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        """Saves `state` as step `step` and waits until it is on disk."""
-        tree = jax.tree.map(np.asarray, serialization.to_state_dict(state))
+        """Saves `state` as step `step` and waits until it is on disk. The arrays are saved as
+        they are placed (replicated over a run's mesh), so in a multi-process run every process
+        takes part in the write (orbax's multi-host protocol) and the checkpoint restores on
+        any other set of devices."""
+        tree = serialization.to_state_dict(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(tree),
             digest=ocp.args.JsonSave({"sha256": tree_digest(tree)}),
