@@ -233,6 +233,14 @@ def _score_images(
         features, foreground = args
         features = normalise(features, bank.stats)
         dist, idx = nearest(features)
+        # The float32 searches rank by ||q||^2 + ||b||^2 - 2 q.b, which loses about
+        # 1e-7 ||q||^2 to cancellation (a few % of a small NN distance), and by how much
+        # depends on how XLA blocks the matmul, i.e. on the rows per device. The winner's
+        # distance from the difference itself is exact to float32 rounding of the distance,
+        # so patch scores do not depend on the batch size or the device count.
+        nearest_rows = bank.features[jnp.maximum(idx, 0)].astype(jnp.float32)
+        exact = jnp.sqrt(jnp.sum(jnp.square(features - nearest_rows), axis=-1))
+        dist = jnp.where(idx >= 0, exact, dist)
         dist = jnp.where(foreground, dist, 0.0)
         score = patchcore_image_score(
             features,

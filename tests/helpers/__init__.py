@@ -1,0 +1,1 @@
+"""Helpers shared by several test modules and by the subprocess scripts some tests run."""
