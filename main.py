@@ -92,6 +92,10 @@ def main(argv: list[str]) -> None:
 
             print(usage.describe_keys(config, FLAGS["config"].config_filename))
             return
+        from lsfa_jax.distributed import initialize_from_config
+
+        # Before anything touches a device: a multi-process run's devices are known only after.
+        initialize_from_config(config)
         from lsfa_jax.jobs import run_job
 
         run_job(config, FLAGS.workdir or f"workdir/{config.data.name}_{config.method}")

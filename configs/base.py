@@ -114,6 +114,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.overwrite = False  # mode=export: replace an existing export folder
     config.debug = False  # True: user errors show their traceback too (or LSFA_DEBUG=1)
 
+    # Multi-process runs (one process per machine or per GPU group, lsfa_jax/distributed.py):
+    # set the first three keys here, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    # JAX_PROCESS_ID in each process's environment; unset (the default), the run is one process.
+    config.distributed = ml_collections.ConfigDict(
+        dict(
+            coordinator_address="",  # host:port of process 0, reachable from every process
+            num_processes=0,  # processes in the run (0: JAX_NUM_PROCESSES, else a single one)
+            process_id=-1,  # this process, 0 .. num_processes - 1 (-1: JAX_PROCESS_ID)
+            local_device_ids="",  # comma-separated devices this process uses ("": all it sees)
+            initialization_timeout=300,  # seconds to wait for every process to join
+        )
+    )
+
     config.data_dir = ml_collections.FieldReference("", field_type=str)  # raw dataset (read only)
     config.cache_dir = ""  # default: <workdir>/cache
 

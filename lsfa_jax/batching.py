@@ -4,7 +4,8 @@ A jitted function compiles once per input shape, so a split of N samples in batc
 compile twice (B and N mod B). `pad_batch` pads a short batch to B by repeating its last sample
 (a real sample, so host-side checks such as a cloud's valid-point count still hold) and returns
 the mask of the real rows; `map_in_batches` runs a function over a whole split that way and keeps
-only the real rows of its outputs.
+only the real rows of its outputs. Data-parallel stages pad to `padded_batch_size`, a multiple
+of the device count (`lsfa_jax.mesh`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 Batch = dict[str, Any]
+
+
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+    """The static batch of a data-parallel stage: `batch_size` rounded up to a multiple of
+    `num_devices`, so every device gets the same number of rows."""
+    if batch_size < 1 or num_devices < 1:
+        raise ValueError(f"padded_batch_size: {batch_size} rows over {num_devices} devices")
+    return -(-batch_size // num_devices) * num_devices
 
 
 def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[Batch, np.ndarray]:

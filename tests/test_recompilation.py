@@ -182,7 +182,7 @@ def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path)
         features = source.extract_in_batches(inputs)
     assert features["rgb"].shape == (10, 64, 16) and features["xyz"].shape == (10, 64, 32)
     assert log.count("dino_patch_grid") == 1, log.names
-    point_jits = [n for n in log.names if "lambda" in n]
+    point_jits = [n for n in log.names if "point_mae_clouds" in n]
     assert len(point_jits) == 1, log.names
     alone = source.extract({k: v[8:] for k, v in inputs.items()})
     for name in ("rgb", "xyz", "fg"):
@@ -208,9 +208,9 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
         per_class.append({"class": class_name, "score_split": Counter()})
         return original_one_class(config, class_name, *args, **kwargs)
 
-    def counting_score_split(bank, features, settings, desc):
+    def counting_score_split(bank, features, settings, desc, **kwargs):
         start = len(log.names)
-        out = original_score(bank, features, settings, desc)
+        out = original_score(bank, features, settings, desc, **kwargs)
         per_class[-1]["score_split"].update(log.since(start))
         return out
 
@@ -221,7 +221,8 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     assert [c["class"] for c in per_class] == ["sphere_cap", "torus"]
     assert set(results) == {"RGB", "3D", "RGB+3D"}
     first, second = (c["score_split"] for c in per_class)
-    assert first["_score_images"] == 2, first  # one executable per modality (16 and 32 channels)
+    # One executable per modality (16 and 32 channels), split over the run's mesh.
+    assert first["_score_images_split"] == 2, first
     assert sum(second.values()) == 0, f"scoring the second class compiled {dict(second)}"
 
 

@@ -58,8 +58,11 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        """Saves `state` as step `step` and waits until it is on disk."""
-        tree = jax.tree.map(np.asarray, serialization.to_state_dict(state))
+        """Saves `state` as step `step` and waits until it is on disk. The arrays are saved as
+        they are placed (replicated over a run's mesh), so in a multi-process run every process
+        takes part in the write (orbax's multi-host protocol) and the checkpoint restores on
+        any other set of devices."""
+        tree = serialization.to_state_dict(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(tree),
             digest=ocp.args.JsonSave({"sha256": tree_digest(tree)}),
@@ -88,7 +91,8 @@ class Checkpointer:
 
 
 def load_adaptor_params(path: str | os.PathLike, step: int | None = None) -> dict:
-    """Adaptor/head parameters from a checkpoint folder as numpy arrays.
+    """Adaptor/head parameters from a checkpoint folder as numpy arrays, on any devices (a
+    checkpoint written by a multi-process run included).
 
     `path` is either the checkpoints folder (the latest or the given step is read) or one
     step folder inside it.
@@ -105,7 +109,13 @@ def load_adaptor_params(path: str | os.PathLike, step: int | None = None) -> dic
     if step is None:
         raise InputNotFoundError(f"{path}: no checkpoint steps found")
     try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(), digest=ocp.args.JsonRestore())
+        # Restored as host arrays of the saved shapes and dtypes: the arrays were saved as
+        # placed on the training run's devices, which this process need not have.
+        saved = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved.item_metadata)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), digest=ocp.args.JsonRestore()
+        )
         restored = manager.restore(step, args=args)
     finally:
         manager.close()

@@ -16,7 +16,7 @@ import functools
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from lsfa_jax.adaptation.banks import Bank, bank_push, init_bank
 from lsfa_jax.adaptation.checkpointing import Checkpointer
 from lsfa_jax.adaptation.losses import BANK_NAMES, LossConfig, lsfa_loss
 from lsfa_jax.atomic_io import atomic_write_text
+from lsfa_jax.mesh import make_mesh, replicate, shard_rows
 from lsfa_jax.models.adaptors import LSFAModel, init_lsfa_params, lsfa_model
 from lsfa_jax.summaries import SummaryWriter
 
@@ -154,11 +155,6 @@ def push_banks(banks: Mapping[str, Bank], push: Mapping[str, jax.Array]) -> dict
     return out
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D 'data' mesh over `devices` (default: all local devices)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
-
-
 def make_train_step(
     model: LSFAModel, cfg: ml_collections.ConfigDict, mesh: Mesh, total_steps: int
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -242,8 +238,10 @@ def train_adaptors(
     steps_per_epoch: int | None = None,
     mesh: Mesh | None = None,
 ) -> TrainState:
-    """Trains the adaptors and heads; checkpoints to `<workdir>/checkpoints`, TensorBoard events
-    to `<workdir>/tensorboard`, the config to `<workdir>/adaptation_config.json`.
+    """Trains the adaptors and heads on `mesh` (default: every device of every process; each
+    process places its rows of every batch, `lsfa_jax.mesh`); checkpoints to
+    `<workdir>/checkpoints`, TensorBoard events to `<workdir>/tensorboard`, the config to
+    `<workdir>/adaptation_config.json`.
 
     With `resume` the latest checkpoint (params, optimizer, banks, rng, step, data position) is
     restored, and the run ends with the same parameters as an uninterrupted one.
@@ -261,8 +259,7 @@ def train_adaptors(
         raise ValueError("train.py: nothing to train (num_steps/num_epochs/batches give 0 steps)")
     atomic_write_text(workdir / "adaptation_config.json", cfg.to_json(indent=2))
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.device_put(init_train_state(cfg, num_classes, total), replicated)
+    state = replicate(mesh, init_train_state(cfg, num_classes, total))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     if resume and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
@@ -273,9 +270,7 @@ def train_adaptors(
 
     def position(epoch: int, index: int) -> dict[str, jax.Array]:
         # Placed like the rest of the state, so the jitted step sees one input sharding.
-        return jax.device_put(
-            dict(epoch=jnp.int32(epoch), batch_index=jnp.int32(index)), replicated
-        )
+        return replicate(mesh, dict(epoch=np.int32(epoch), batch_index=np.int32(index)))
 
     step, epoch, index = int(state.step), int(state.epoch), int(state.batch_index)
     bar = tqdm(total=total, initial=step, desc="lsfa adaptation", dynamic_ncols=True)
@@ -283,7 +278,8 @@ def train_adaptors(
         while step < total:
             consumed = 0
             for batch in itertools.islice(batches_fn(epoch), index, None):
-                state, terms = train_step(state, check_batch(batch, cfg, mesh.size))
+                batch = shard_rows(mesh, check_batch(batch, cfg, mesh.size))
+                state, terms = train_step(state, batch)
                 step, index, consumed = step + 1, index + 1, consumed + 1
                 state = state.replace(**position(epoch, index))
                 bar.update(1)

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+from jax.sharding import Mesh
 
 from lsfa_jax import fusion, metrics
 from lsfa_jax.data import pipeline
@@ -106,12 +107,13 @@ def features_to_score(
     adaptors: tuple[dict, AdaptorSettings] | None,
     batch_size: int,
     precision: str = "highest",
+    mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """The features PatchCore scores: the backbones' own, or adapted by (params, settings) with
-    the adaptors' layers under the policy named `precision`."""
+    the adaptors' layers under the policy named `precision`, split over `mesh`."""
     if adaptors is None:
         return {m: arrays[m] for m in modalities}
-    return adapt_features(*adaptors, arrays, batch_size, precision)
+    return adapt_features(*adaptors, arrays, batch_size, precision, mesh)
 
 
 def score_modalities(
@@ -119,10 +121,13 @@ def score_modalities(
     features: Mapping[str, np.ndarray],
     settings: ScoringSettings,
     what: str,
+    mesh: Mesh | None = None,
 ) -> Outputs:
-    """{modality: (N, P, C)} -> {modality: (scores, maps)} against each modality's bank."""
+    """{modality: (N, P, C)} -> {modality: (scores, maps)} against each modality's bank,
+    split over `mesh` (default: every device)."""
     return {
-        m: score_features(banks[m], features[m], settings, f"{what}/{m}") for m in sorted(banks)
+        m: score_features(banks[m], features[m], settings, f"{what}/{m}", mesh=mesh)
+        for m in sorted(banks)
     }
 
 

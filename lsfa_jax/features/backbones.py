@@ -40,16 +40,28 @@ def _point_features(
     )
 
 
+def point_mae_clouds(
+    variables: Mapping[str, Any],
+    clouds: jax.Array,
+    *,
+    encoder: point_mae.PointMAEEncoder,
+    grid_size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(B, S, S, 3) clouds -> ((B, grid^2, C), (B, grid^2) bool), traceable (not jitted).
+
+    lax.map runs one cloud at a time: the per-cloud kNN / interpolation buffers are large, and
+    a cloud's features do not depend on the batch it came in."""
+    return jax.lax.map(lambda c: _point_features(encoder, variables, c, grid_size), clouds)
+
+
 @functools.cache
 def _compiled(encoder: point_mae.PointMAEEncoder, grid_size: int, batched: bool):
-    single = functools.partial(_point_features, encoder, grid_size=grid_size)
     if not batched:
-        return jax.jit(single)
-    # lax.map runs one cloud at a time: the per-cloud kNN / interpolation buffers are large.
-    return jax.jit(lambda variables, clouds: jax.lax.map(lambda c: single(variables, c), clouds))
+        return jax.jit(functools.partial(_point_features, encoder, grid_size=grid_size))
+    return jax.jit(functools.partial(point_mae_clouds, encoder=encoder, grid_size=grid_size))
 
 
-def _check_clouds(clouds: np.ndarray, encoder: point_mae.PointMAEEncoder, name: str) -> None:
+def check_clouds(clouds: np.ndarray, encoder: point_mae.PointMAEEncoder, name: str) -> None:
     """Host-side shape and size checks for (B, S, S, 3) clouds (before any jitted call)."""
     if clouds.ndim != 4 or clouds.shape[-1] != 3:
         raise ValueError(f"{name}: expected organized clouds (..., H, W, 3), got {clouds.shape}")
@@ -85,7 +97,7 @@ def point_mae_patch_grid(
       ValueError when the cloud has fewer valid points than group_size.
     """
     encoder = point_mae.point_mae_encoder(model_cfg, precision)
-    _check_clouds(np.asarray(organized)[None], encoder, name)
+    check_clouds(np.asarray(organized)[None], encoder, name)
     return _compiled(encoder, grid_size, False)(variables, jnp.asarray(organized))
 
 
@@ -103,5 +115,5 @@ def point_mae_patch_grid_batch(
     single cloud.
     """
     encoder = point_mae.point_mae_encoder(model_cfg, precision)
-    _check_clouds(np.asarray(organized), encoder, name)
+    check_clouds(np.asarray(organized), encoder, name)
     return _compiled(encoder, grid_size, True)(variables, jnp.asarray(organized))

@@ -7,6 +7,10 @@
   rgb_cls  (B, D_rgb)     the CLS token (used only by the adaptor during training, optional)
   xyz      (B, P, D_xyz)  Point-MAE blocks 3/7/11, interpolated and pooled
   fg       (B, P) bool    patches with at least one valid point
+
+Both backbones run data-parallel over the run's mesh (`lsfa_jax.mesh`): the batch is padded
+to a multiple of the device count and split, the frozen parameters are replicated, and each
+process checks and transfers only its own rows.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
-from lsfa_jax.batching import pad_batch
+from lsfa_jax import mesh as meshes
+from lsfa_jax.batching import pad_batch, padded_batch_size
 from lsfa_jax.errors import UserError
-from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.features.backbones import check_clouds, point_mae_clouds
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.precision import config_policy
 
@@ -45,6 +50,14 @@ class Backbones:
     weight_files: dict[str, str]  # modality -> file, or "random-init (seed N)"
     random_init: dict[str, bool]
     precision: str = "highest"  # the layers' policy (lsfa_jax/precision.py)
+    # mesh -> (rgb params, point variables) replicated on it, placed once per mesh.
+    _placed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, mesh: Mesh) -> tuple[Any, Any]:
+        """The RGB parameters and point variables replicated over `mesh`."""
+        if mesh not in self._placed:
+            self._placed[mesh] = meshes.replicate(mesh, (self.rgb_params, self.point_variables))
+        return self._placed[mesh]
 
     def fingerprint(self) -> str:
         """Identifies the features these backbones produce (sizes, weight files, precision)."""
@@ -127,36 +140,55 @@ def load_backbones(config: ml_collections.ConfigDict) -> Backbones:
     )
 
 
+def _dino_patch_grid(params: Any, images: jax.Array, *, model_cfg, precision: str):
+    return vit.dino_patch_grid(
+        params, images, model_cfg=model_cfg, return_cls=True, precision=precision
+    )
+
+
+def rgb_features(
+    backbones: Backbones, images: np.ndarray, mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W, 3) images, B a multiple of mesh.size -> DINO patch grid (B, P, D) and CLS
+    (B, D) as host arrays, split over `mesh`."""
+    rgb_params, _ = backbones.on(mesh)
+    run = meshes.data_parallel(
+        _dino_patch_grid,
+        mesh,
+        1,
+        2,
+        model_cfg=backbones.rgb_cfg,
+        precision=backbones.precision,
+    )
+    return meshes.to_host(run(rgb_params, meshes.shard_rows(mesh, images)))
+
+
 def extract_batch(
     backbones: Backbones,
     batch: dict[str, np.ndarray],
     *,
     grid_size: int = 56,
     batch_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """One pipeline batch -> patch features (module docstring) as host numpy arrays.
 
-    With `batch_size`, a shorter batch (a split's last) is padded to it (`batching.pad_batch`),
-    so the backbones compile once per run; only the real samples' features are returned.
+    The batch is padded (`batching.pad_batch`) to `batch_size` (default: its own size) rounded
+    up to a multiple of the devices of `mesh` (default: every device), so the backbones compile
+    once per run; only the real samples' features are returned, on every process.
     """
+    mesh = mesh or meshes.make_mesh()
     count = len(batch["file_id"])
-    if batch_size is not None:
-        batch, _ = pad_batch({k: batch[k] for k in ("rgb", "xyz", "file_id")}, batch_size)
-    rgb, rgb_cls = vit.dino_patch_grid(
-        backbones.rgb_params,
-        jnp.asarray(batch["rgb"]),
-        model_cfg=backbones.rgb_cfg,
-        return_cls=True,
-        precision=backbones.precision,
-    )
-    names = [str(n) for n in batch["file_id"][:count]]
-    xyz, fg = point_mae_patch_grid_batch(
-        backbones.point_variables,
-        batch["xyz"],
-        backbones.point_cfg,
-        grid_size=grid_size,
-        name=f"clouds {names[0]}..{names[-1]}",
-        precision=backbones.precision,
-    )
+    size = padded_batch_size(batch_size or count, mesh.size)
+    batch, _ = pad_batch({k: batch[k] for k in ("rgb", "xyz", "file_id")}, size)
+    rgb, rgb_cls = rgb_features(backbones, np.asarray(batch["rgb"]), mesh)
+    names = [str(n) for n in batch["file_id"]]
+    encoder = point_mae.point_mae_encoder(backbones.point_cfg, backbones.precision)
+    mine = meshes.process_rows(mesh, size)
+    clouds = np.asarray(batch["xyz"])
+    check_clouds(clouds[mine], encoder, f"clouds {names[mine][0]}..{names[mine][-1]}")
+    _, point_variables = backbones.on(mesh)
+    run = meshes.data_parallel(point_mae_clouds, mesh, 1, 2, encoder=encoder, grid_size=grid_size)
+    xyz, fg = meshes.to_host(run(point_variables, meshes.shard_rows(mesh, clouds)))
     features = {"rgb": rgb, "rgb_cls": rgb_cls, "xyz": xyz, "fg": fg}
-    return {name: np.asarray(value)[:count] for name, value in features.items()}
+    return {name: value[:count] for name, value in features.items()}

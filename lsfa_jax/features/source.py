@@ -13,15 +13,16 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from lsfa_jax import mesh as meshes
+from lsfa_jax.batching import pad_batch, padded_batch_size
 from lsfa_jax.data.block_rotation import block_rotation_turns, rotate_blocks
 from lsfa_jax.features import cache
-from lsfa_jax.features.extract import Backbones, extract_batch, load_backbones
+from lsfa_jax.features.extract import Backbones, extract_batch, load_backbones, rgb_features
 from lsfa_jax.features.fpfh import FpfhParams, fpfh_patch_features
-from lsfa_jax.models import vit
 
 
 @dataclasses.dataclass
@@ -32,6 +33,12 @@ class FeatureSource:
     prepared: Mapping[str, str]
     cache_root: Path
     backbones: Backbones | None
+    mesh: Mesh | None = None  # the backbones' devices; None: every device (`lsfa_jax.mesh`)
+
+    @property
+    def devices_used(self) -> int:
+        """Devices the backbones run on (FPFH runs on the host: 0)."""
+        return 0 if self.backbones is None else (self.mesh or meshes.make_mesh()).size
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -51,6 +58,7 @@ class FeatureSource:
                 batch,
                 grid_size=self.config.grid_size,
                 batch_size=self.config.batch_size,
+                mesh=self.mesh,
             )
         params = FpfhParams(**self.config.fpfh.to_dict())
         pairs = [
@@ -85,13 +93,11 @@ class FeatureSource:
                 )
             ]
         )
-        rgb = vit.dino_patch_grid(
-            self.backbones.rgb_params,
-            jnp.asarray(images),
-            model_cfg=self.backbones.rgb_cfg,
-            precision=self.backbones.precision,
-        )
-        return {"rgb_rot": np.asarray(rgb)}
+        mesh = self.mesh or meshes.make_mesh()
+        size = padded_batch_size(max(self.config.batch_size, len(images)), mesh.size)
+        padded, _ = pad_batch({"rgb": images}, size)
+        rgb, _ = rgb_features(self.backbones, padded["rgb"], mesh)
+        return {"rgb_rot": rgb[: len(images)]}
 
     def rotated_train(self, class_name: str) -> cache.SplitFeatures:
         """`rgb_rot` features of a class's training split (computed once, cached)."""
@@ -120,7 +126,10 @@ class FeatureSource:
 
 
 def feature_source(
-    config: ml_collections.ConfigDict, prepared: Mapping[str, str], cache_root: Path
+    config: ml_collections.ConfigDict,
+    prepared: Mapping[str, str],
+    cache_root: Path,
+    mesh: Mesh | None = None,
 ) -> FeatureSource:
     backbones = None if config.method == "fpfh" else load_backbones(config)
-    return FeatureSource(config, prepared, cache_root, backbones)
+    return FeatureSource(config, prepared, cache_root, backbones, mesh)

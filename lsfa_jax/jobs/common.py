@@ -100,6 +100,7 @@ RUN_KEYS = (
     "rgb_weights",
     "point_weights",
     "report",
+    "distributed",
 )
 RUN_DATA_KEYS = ("name", "classes", "num_workers", "xyz_scale", "validation_fraction")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from lsfa_jax import console
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
@@ -30,6 +31,7 @@ from lsfa_jax.jobs.common import (
     selected_classes,
 )
 from lsfa_jax.jobs.train import train_lsfa
+from lsfa_jax.mesh import make_mesh
 from lsfa_jax.model_folder import (
     MODEL_FILE,
     ModelInfo,
@@ -81,8 +83,10 @@ def load_or_train_adaptors(
     classes: tuple[str, ...],
     workdir: Path,
     manifest: RunManifest,
+    mesh: Mesh,
 ) -> tuple[dict, AdaptorSettings]:
-    """mode=eval: the checkpoint's parameters; train_eval: trains them on every class."""
+    """mode=eval: the checkpoint's parameters; train_eval: trains them on every class, data
+    parallel over `mesh`."""
     if config.mode == "eval":
         if not config.checkpoint:
             raise ConfigError("mode=eval with method=lsfa needs --config.checkpoint=<folder>")
@@ -99,8 +103,8 @@ def load_or_train_adaptors(
     # needs DINO features of the block-rotated training images.
     train = {c: source.split(c, "train") for c in classes}
     rotated = {c: source.rotated_train(c) for c in classes} if config.adaptation.w_rot else None
-    with manifest.stage("adaptation"):
-        params, cfg = train_lsfa(config, train, workdir, rotated)
+    with manifest.stage("adaptation", devices_used=mesh.size):
+        params, cfg = train_lsfa(config, train, workdir, rotated, mesh=mesh)
     return params, AdaptorSettings.from_mapping(cfg)
 
 
@@ -127,8 +131,10 @@ def evaluate_one_class(
     adaptors: tuple[dict, AdaptorSettings] | None,
     padded: dict[str, int],
     out: Path,
+    mesh: Mesh | None = None,
 ) -> class_eval.ClassResult:
-    """Banks, scores, fusion, metrics, thresholds and images of one class; saves its model."""
+    """Banks, scores, fusion, metrics, thresholds and images of one class; saves its model.
+    Adaptors and scoring run data parallel over `mesh` (default: every device)."""
     splits = {s: source.split(class_name, s) for s in ("train", "validation", "test")}
     if len(splits["validation"]) < 2:
         raise ConfigError(
@@ -137,7 +143,7 @@ def evaluate_one_class(
         )
     arrays = {
         s: class_eval.features_to_score(
-            f.arrays, source.modalities, adaptors, config.batch_size, config_policy(config)
+            f.arrays, source.modalities, adaptors, config.batch_size, config_policy(config), mesh
         )
         for s, f in splits.items()
     }
@@ -155,9 +161,9 @@ def evaluate_one_class(
         save_bank(out / "model" / class_name / f"{modality}.npz", bank)
     scoring = ScoringSettings.from_config(config)
     validation = class_eval.score_modalities(
-        banks, arrays["validation"], scoring, f"{class_name} validation"
+        banks, arrays["validation"], scoring, f"{class_name} validation", mesh
     )
-    test = class_eval.score_modalities(banks, arrays["test"], scoring, f"{class_name} test")
+    test = class_eval.score_modalities(banks, arrays["test"], scoring, f"{class_name} test", mesh)
     model = class_eval.calibrate_class(
         validation,
         fusion_method=config.fusion.method,
@@ -203,19 +209,20 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     classes = selected_classes(config)
     with manifest.stage("prepare"):
         prepared = prepared_dataset(config, workdir)
-    source = feature_source(config, prepared, cache_dir(config, workdir))
+    mesh = make_mesh()  # every device of every process: each stage splits its batches over it
+    source = feature_source(config, prepared, cache_dir(config, workdir), mesh)
     if source.backbones is not None:
         for modality, path in source.backbones.weight_files.items():
             is_random = source.backbones.random_init[modality]
             manifest.add_weights(modality, None if is_random else path, random_init=is_random)
     console.stage("extracting %s features into %s", config.method, cache_dir(config, workdir))
-    with manifest.stage("features"):
+    with manifest.stage("features", devices_used=source.devices_used):
         for class_name in classes:
             for split in ("train", "validation", "test"):
                 source.split(class_name, split)
     adaptors = None
     if config.method == "lsfa":
-        adaptors = load_or_train_adaptors(config, source, classes, workdir, manifest)
+        adaptors = load_or_train_adaptors(config, source, classes, workdir, manifest, mesh)
     padded = {}
     for modality in source.modalities:
         rows = [
@@ -229,8 +236,8 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         console.stage(
             "%s: memory banks, scores, thresholds, images -> %s", class_name, workdir / "images"
         )
-        with manifest.stage(f"evaluate/{class_name}"):
-            result = evaluate_one_class(config, class_name, source, adaptors, padded, workdir)
+        with manifest.stage(f"evaluate/{class_name}", devices_used=mesh.size):
+            result = evaluate_one_class(config, class_name, source, adaptors, padded, workdir, mesh)
         results.add(class_name, result)
 
     model_dir = workdir / "model"

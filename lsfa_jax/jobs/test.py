@@ -25,6 +25,7 @@ from lsfa_jax.jobs.common import (
     open_model,
     prepared_dataset,
 )
+from lsfa_jax.mesh import make_mesh
 from lsfa_jax.model_folder import load_bank, load_class_model
 from lsfa_jax.patchcore.scorer import ScoringSettings
 from lsfa_jax.precision import config_policy
@@ -40,13 +41,14 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     manifest = RunManifest(run.to_dict())
     with manifest.stage("prepare"):
         prepared = prepared_dataset(run, workdir, splits=("test",))
-    source = feature_source(run, prepared, cache_dir(run, workdir))
+    mesh = make_mesh()
+    source = feature_source(run, prepared, cache_dir(run, workdir), mesh)
     adaptors = model_adaptors(model_dir, info)
     scoring = ScoringSettings.from_mapping(info.scoring)
     results = outputs.RunResults()
     for class_name in classes:
         console.stage("%s: scores, metrics, images -> %s", class_name, workdir / "images")
-        with manifest.stage(f"test/{class_name}"):
+        with manifest.stage(f"test/{class_name}", devices_used=mesh.size):
             banks = {m: load_bank(model_dir / class_name / f"{m}.npz") for m in info.modalities}
             model = load_class_model(model_dir / class_name / "fusion.json")
             features = source.split(class_name, "test")
@@ -56,8 +58,9 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                 adaptors,
                 run.batch_size,
                 config_policy(run),
+                mesh,
             )
-            test = class_eval.score_modalities(banks, arrays, scoring, f"{class_name} test")
+            test = class_eval.score_modalities(banks, arrays, scoring, f"{class_name} test", mesh)
             split = class_eval.read_labelled_split(prepared, class_name, features, run.batch_size)
             result = class_eval.test_class(model, test, split)
             outputs.write_class_outputs(

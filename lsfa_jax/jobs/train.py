@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from lsfa_jax import console
 from lsfa_jax.adaptation.train import train_adaptors
@@ -86,6 +87,7 @@ def train_lsfa(
     train: Mapping[str, SplitFeatures],
     workdir: Path,
     rotated: Mapping[str, SplitFeatures] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[dict, ml_collections.ConfigDict]:
     """Trains the adaptors on the cached features of `train` (class name -> train split, in
     class-id order); `rotated` (class name -> `rgb_rot` features) is needed when w_rot > 0.
@@ -111,5 +113,6 @@ def train_lsfa(
         workdir / "adaptation",
         num_classes=len(train),
         steps_per_epoch=steps_per_epoch,
+        mesh=mesh,
     )
     return state.params, cfg

@@ -31,8 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from lsfa_jax.batching import map_in_batches
+from lsfa_jax import mesh as meshes
+from lsfa_jax.batching import map_in_batches, padded_batch_size
 from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
@@ -375,34 +377,45 @@ class AdaptorSettings:
         return dataclasses.asdict(self)
 
 
+def _apply_adaptors(
+    params: dict, rgb: jax.Array, xyz: jax.Array, rgb_cls: jax.Array, **settings: Any
+) -> dict[str, jax.Array]:
+    out_rgb, out_xyz = apply_adaptors(params, rgb, xyz, rgb_cls, **settings)
+    return {"rgb": out_rgb, "xyz": out_xyz}
+
+
 def adapt_features(
     params: dict,
     settings: AdaptorSettings,
     arrays: Mapping[str, np.ndarray],
     batch_size: int,
     precision: str = "highest",
+    mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """Adapted features of a whole split: {"rgb" (N, P, Ci), "xyz" (N, P, Cp), "rgb_cls"
     (N, Ci)} -> {"rgb", "xyz"} float32 of the same shapes; `precision` names the layers' policy.
 
-    Every call sees a full batch (`batching.map_in_batches`), so the jitted adaptors compile
-    once whatever the split size.
+    Batches of `batch_size` rounded up to a multiple of the devices of `mesh` (default: every
+    device) are split over them with the parameters replicated; every call sees a full batch
+    (`batching.map_in_batches`), so the jitted adaptors compile once whatever the split size.
     """
-    params = jax.tree.map(jnp.asarray, params)
+    mesh = mesh or meshes.make_mesh()
+    params = meshes.replicate(mesh, params)
+    run = meshes.data_parallel(
+        _apply_adaptors,
+        mesh,
+        1,
+        4,
+        structure=settings.structure,
+        rgb_heads=settings.rgb_heads,
+        xyz_heads=settings.xyz_heads,
+        prepend_cls=settings.prepend_cls,
+        precision=precision,
+    )
 
-    def adapt(batch: dict, _) -> dict[str, jax.Array]:
-        out_rgb, out_xyz = apply_adaptors(
-            params,
-            jnp.asarray(batch["rgb"]),
-            jnp.asarray(batch["xyz"]),
-            jnp.asarray(batch["rgb_cls"]),
-            structure=settings.structure,
-            rgb_heads=settings.rgb_heads,
-            xyz_heads=settings.xyz_heads,
-            prepend_cls=settings.prepend_cls,
-            precision=precision,
-        )
-        return {"rgb": out_rgb, "xyz": out_xyz}
+    def adapt(batch: dict, _) -> dict[str, np.ndarray]:
+        rows = meshes.shard_rows(mesh, [batch["rgb"], batch["xyz"], batch["rgb_cls"]])
+        return meshes.to_host(run(params, *rows))
 
     inputs = {m: arrays[m] for m in ("rgb", "rgb_cls", "xyz")}
-    return map_in_batches(adapt, inputs, batch_size)
+    return map_in_batches(adapt, inputs, padded_batch_size(batch_size, mesh.size))

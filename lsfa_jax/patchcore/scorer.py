@@ -16,9 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from PIL import Image, ImageFilter
 
-from lsfa_jax.batching import map_in_batches
+from lsfa_jax import mesh as meshes
+from lsfa_jax.batching import map_in_batches, padded_batch_size
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.knn import (
     approximate_index,
@@ -231,6 +233,14 @@ def _score_images(
         features, foreground = args
         features = normalise(features, bank.stats)
         dist, idx = nearest(features)
+        # The float32 searches rank by ||q||^2 + ||b||^2 - 2 q.b, which loses about
+        # 1e-7 ||q||^2 to cancellation (a few % of a small NN distance), and by how much
+        # depends on how XLA blocks the matmul, i.e. on the rows per device. The winner's
+        # distance from the difference itself is exact to float32 rounding of the distance,
+        # so patch scores do not depend on the batch size or the device count.
+        nearest_rows = bank.features[jnp.maximum(idx, 0)].astype(jnp.float32)
+        exact = jnp.sqrt(jnp.sum(jnp.square(features - nearest_rows), axis=-1))
+        dist = jnp.where(idx >= 0, exact, dist)
         dist = jnp.where(foreground, dist, 0.0)
         score = patchcore_image_score(
             features,
@@ -247,6 +257,20 @@ def _score_images(
     scores, patch_scores = jax.lax.map(one_image, (queries, mask))
     maps = anomaly_map(patch_scores.reshape(batch, grid, grid), out_size=out_size, sigma=sigma)
     return scores, maps
+
+
+def _check_request(bank: MemoryBank, shape: tuple[int, ...], search: str, blur: str) -> None:
+    """The scoring options and the (B, P, D) query shape, checked before any jitted call."""
+    if search not in SEARCHES:
+        raise ValueError(
+            f"score_batch: search must be 'screened', 'exact' or 'approximate', got {search!r}"
+        )
+    if blur not in BLURS:
+        raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
+    if len(shape) != 3 or shape[-1] != bank.features.shape[-1]:
+        raise ValueError(
+            f"score_batch: queries must be (B, P, {bank.features.shape[-1]}), got {tuple(shape)}"
+        )
 
 
 def score_batch(
@@ -286,16 +310,7 @@ def score_batch(
     Returns:
       image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
     """
-    if search not in SEARCHES:
-        raise ValueError(
-            f"score_batch: search must be 'screened', 'exact' or 'approximate', got {search!r}"
-        )
-    if blur not in BLURS:
-        raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
-    if queries.ndim != 3 or queries.shape[-1] != bank.features.shape[-1]:
-        raise ValueError(
-            f"score_batch: queries must be (B, P, {bank.features.shape[-1]}), got {queries.shape}"
-        )
+    _check_request(bank, queries.shape, search, blur)
     scores, maps = _score_images(
         bank,
         queries,
@@ -346,32 +361,54 @@ class ScoringSettings:
         return dataclasses.asdict(self)
 
 
+def _score_images_split(bank: MemoryBank, queries: jax.Array, **static: Any) -> tuple:
+    """`_score_images` without a patch mask, the shape `mesh.data_parallel` splits."""
+    return _score_images(bank, queries, None, **static)
+
+
 def score_features(
-    bank: MemoryBank, features: np.ndarray, settings: ScoringSettings, desc: str = "scoring"
+    bank: MemoryBank,
+    features: np.ndarray,
+    settings: ScoringSettings,
+    desc: str = "scoring",
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, P, C) features of a split -> image scores (N,) and maps (N, S, S), in fixed batches.
 
-    Every call sees a full batch (`batching.map_in_batches`), so the jitted scorer compiles
-    once. The bank's search index for `settings.search` is computed here once if it lacks it.
+    Batches of `settings.batch_size` rounded up to a multiple of the devices of `mesh`
+    (default: every device) are split over them with the bank replicated (`lsfa_jax.mesh`);
+    each device runs `score_batch`'s computation on its rows. Every call sees a full batch
+    (`batching.map_in_batches`), so the jitted scorer compiles once. The bank's search index
+    for `settings.search` is computed here once if it lacks it.
     """
     approximate_dim = min(settings.approximate_dim, bank.features.shape[1])
     if settings.search != "exact":
         bank = with_search_index(
             bank, approximate_dim if settings.search == "approximate" else None
         )
+    mesh = mesh or meshes.make_mesh()
+    _check_request(bank, features.shape, settings.search, settings.blur)
+    run = meshes.data_parallel(
+        _score_images_split,
+        mesh,
+        1,
+        2,
+        out_size=settings.out_size,
+        reweight=settings.reweight,
+        sigma=float(settings.sigma) if settings.blur == "gaussian" else None,
+        bank_chunk=4096,
+        search=settings.search,
+        approximate_dim=approximate_dim,
+    )
+    placed = meshes.replicate(mesh, bank)
 
-    def score(batch: dict, _) -> dict[str, jax.Array]:
-        scores, maps = score_batch(
-            bank,
-            jnp.asarray(batch["features"], jnp.float32),
-            out_size=settings.out_size,
-            reweight=settings.reweight,
-            blur=settings.blur,
-            sigma=settings.sigma,
-            search=settings.search,
-            approximate_dim=approximate_dim,
-        )
+    def score(batch: dict, _) -> dict[str, np.ndarray]:
+        queries = meshes.shard_rows(mesh, np.asarray(batch["features"], np.float32))
+        scores, maps = meshes.to_host(run(placed, queries))
+        if settings.blur == "pil":
+            maps = pil_blur(maps, settings.sigma)
         return {"scores": scores, "maps": maps}
 
-    out = map_in_batches(score, {"features": features}, settings.batch_size, desc=desc)
+    size = padded_batch_size(settings.batch_size, mesh.size)
+    out = map_in_batches(score, {"features": features}, size, desc=desc)
     return out["scores"], out["maps"]

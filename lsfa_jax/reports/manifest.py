@@ -82,7 +82,7 @@ def device_memory() -> list[dict[str, Any]]:
     import jax
 
     out = []
-    for d in jax.local_devices():
+    for d in jax.local_devices():  # other processes' memory is not visible here
         stats = d.memory_stats() or {}
         out.append(
             {
@@ -95,13 +95,25 @@ def device_memory() -> list[dict[str, Any]]:
 
 
 def devices() -> list[dict[str, Any]]:
-    """The JAX devices this process sees."""
+    """The JAX devices of the run, every process's (`process` tells whose)."""
     import jax
 
     return [
         {"id": d.id, "platform": d.platform, "kind": d.device_kind, "process": d.process_index}
         for d in jax.devices()
     ]
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 @dataclasses.dataclass
@@ -151,12 +163,15 @@ class RunManifest:
         self.seeds[name] = int(seed)
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Times a stage and records peak host (and device) memory after it.
+    def stage(self, name: str, devices_used: int | None = None) -> Iterator[dict[str, Any]]:
+        """Times a stage and records peak host (and device) memory after it, and, when given,
+        `devices_used`: the devices its batches were split over (0: it ran on the host only).
 
         The record is kept also when the stage raises ("ok": False), then the error propagates.
         """
         record: dict[str, Any] = {"name": name, "ok": False}
+        if devices_used is not None:
+            record["devices_used"] = int(devices_used)
         start = time.perf_counter()
         try:
             yield record
@@ -174,6 +189,7 @@ class RunManifest:
             "config": _jsonable(self.config),
             "versions": package_versions(),
             "devices": devices(),
+            "process": {"index": _process_index(), "count": _process_count()},
             "seeds": dict(self.seeds),
             "weights": list(self.weights),
             "stages": list(self.stages),
