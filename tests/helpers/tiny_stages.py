@@ -17,13 +17,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from lsfa_jax.adaptation.train import TrainState, default_adaptation_config, train_adaptors
+from lsfa_jax.adaptation.train import TrainState, train_adaptors
 from lsfa_jax.features.extract import Backbones
 from lsfa_jax.features.source import FeatureSource
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import AdaptorSettings, adapt_features
 from lsfa_jax.patchcore.bank import build_memory_bank
 from lsfa_jax.patchcore.scorer import ScoringSettings, score_features
+from tests.helpers.configs import adaptation_defaults
 
 IMAGE, GRID, SAMPLES, TRAIN, BANK = 32, 8, 10, 8, 6
 POINT_BACKBONE = dict(
@@ -64,7 +65,7 @@ def tiny_inputs() -> dict[str, np.ndarray]:
 
 
 def adaptation_config() -> ml_collections.ConfigDict:
-    cfg = default_adaptation_config()
+    cfg = adaptation_defaults()
     cfg.update(
         dict(
             rgb_dim=16, xyz_dim=32, num_patches=GRID * GRID, proj_dim=8, rgb_heads=2,
