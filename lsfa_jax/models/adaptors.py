@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsfa_jax.batching import map_in_batches
-from lsfa_jax.models.transformer import EncoderBlock, dense_layer
+from lsfa_jax.models.transformer import DenseLayers, EncoderBlock
 from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
@@ -47,19 +47,6 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-def _dense(
-    features: int,
-    fan_in: int,
-    name: str,
-    dtype: Any = None,
-    precision: jax.lax.Precision = PINNED,
-) -> nn.Dense:
-    """A Dense layer with torch's nn.Linear initialisation."""
-    return dense_layer(
-        features, fan_in, name, dtype=dtype, precision=precision, init=torch_uniform_init
-    )
 
 
 class Adaptor(nn.Module):
@@ -94,8 +81,8 @@ class Adaptor(nn.Module):
                 x = block(name=f"blocks_{i}")(x)
             return x
         if self.structure == "linear":
-            dense = _dense(self.dim, self.dim, "linear", dtype=self.dtype, precision=self.precision)
-            return dense(x)
+            dense = DenseLayers(self.dtype, self.precision, torch_uniform_init)
+            return dense(self.dim, self.dim, "linear")(x)
         if self.structure == "conv1x1":
             B, N, C = x.shape
             side = math.isqrt(N)
@@ -148,7 +135,7 @@ class LSFAModel(nn.Module):
         )
         self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
         self.xyz_mlp = adaptor(self.xyz_dim, num_heads=self.xyz_heads)
-        head = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
+        head = DenseLayers(self.dtype, self.precision, torch_uniform_init)
         self.rgb_head = head(self.proj_dim, self.rgb_dim, "rgb_head")
         self.xyz_head = head(self.proj_dim, self.xyz_dim, "xyz_head")
 

@@ -22,6 +22,7 @@ precision in the jaxpr (tests/test_precision.py emulates TF32 on every one that 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -37,21 +38,27 @@ from lsfa_jax.precision import PINNED
 DenseInit = Callable[[int], nn.initializers.Initializer]
 
 
-def dense_layer(
-    features: int,
-    fan_in: int,
-    name: str,
-    *,
-    use_bias: bool = True,
-    dtype: Any = None,
-    precision: jax.lax.Precision = PINNED,
-    init: DenseInit | None = None,
-) -> nn.Dense:
-    """nn.Dense with `init(fan_in)` for kernel and bias, or Flax's defaults when `init` is None."""
-    inits = {} if init is None else {"kernel_init": init(fan_in), "bias_init": init(fan_in)}
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, precision=precision, name=name, **inits
-    )
+@dataclasses.dataclass(frozen=True)
+class DenseLayers:
+    """How a stack builds its Dense layers: compute dtype, matmul precision and initialisation
+    (`init(fan_in)` for kernel and bias, or Flax's defaults when None)."""
+
+    dtype: Any = None
+    precision: jax.lax.Precision = PINNED
+    init: DenseInit | None = None
+
+    def __call__(self, features: int, fan_in: int, name: str, use_bias: bool = True) -> nn.Dense:
+        inits = {}
+        if self.init is not None:
+            inits = {"kernel_init": self.init(fan_in), "bias_init": self.init(fan_in)}
+        return nn.Dense(
+            features,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            precision=self.precision,
+            name=name,
+            **inits,
+        )
 
 
 def self_attention(
@@ -79,42 +86,32 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused qkv Dense: (..., N, C) -> (..., N, C)."""
 
     num_heads: int
-    qkv_bias: bool = True
-    dtype: Any = None
-    precision: jax.lax.Precision = PINNED
-    dense_init: DenseInit | None = None
-    query_chunk: int | None = None
+    qkv_bias: bool
+    query_chunk: int | None
+    dense: DenseLayers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         *lead, n, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"transformer.py: width {c} not divisible by {self.num_heads} heads")
-        dense = functools.partial(
-            dense_layer, dtype=self.dtype, precision=self.precision, init=self.dense_init
-        )
-        qkv = dense(3 * c, c, "qkv", use_bias=self.qkv_bias)(x.reshape(-1, n, c))
+        qkv = self.dense(3 * c, c, "qkv", use_bias=self.qkv_bias)(x.reshape(-1, n, c))
         q, k, v = jnp.moveaxis(qkv.reshape(-1, n, 3, self.num_heads, c // self.num_heads), 2, 0)
-        out = self_attention(q, k, v, self.precision, self.query_chunk)
-        return dense(c, c, "proj")(out.reshape(*lead, n, c))
+        out = self_attention(q, k, v, self.dense.precision, self.query_chunk)
+        return self.dense(c, c, "proj")(out.reshape(*lead, n, c))
 
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2: (..., C) -> (..., C)."""
 
     hidden_dim: int
-    dtype: Any = None
-    precision: jax.lax.Precision = PINNED
-    dense_init: DenseInit | None = None
+    dense: DenseLayers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        dense = functools.partial(
-            dense_layer, dtype=self.dtype, precision=self.precision, init=self.dense_init
-        )
-        h = jax.nn.gelu(dense(self.hidden_dim, c, "fc1")(x), approximate=False)
-        return dense(c, self.hidden_dim, "fc2")(h)
+        h = jax.nn.gelu(self.dense(self.hidden_dim, c, "fc1")(x), approximate=False)
+        return self.dense(c, self.hidden_dim, "fc2")(h)
 
 
 class EncoderBlock(nn.Module):
@@ -136,16 +133,8 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        attn = SelfAttention(
-            self.num_heads,
-            self.qkv_bias,
-            self.dtype,
-            self.precision,
-            self.dense_init,
-            self.query_chunk,
-            name="attn",
-        )
+        dense = DenseLayers(self.dtype, self.precision, self.dense_init)
+        attn = SelfAttention(self.num_heads, self.qkv_bias, self.query_chunk, dense, name="attn")
         x = x + attn(norm(name="norm1")(x))
-        hidden = int(x.shape[-1] * self.mlp_ratio)
-        mlp = Mlp(hidden, self.dtype, self.precision, self.dense_init, name="mlp")
+        mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), dense, name="mlp")
         return x + mlp(norm(name="norm2")(x))
