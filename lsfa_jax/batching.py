@@ -6,6 +6,10 @@ compile twice (B and N mod B). `pad_batch` pads a short batch to B by repeating 
 the mask of the real rows; `map_in_batches` runs a function over a whole split that way and keeps
 only the real rows of its outputs. Data-parallel stages pad to `padded_batch_size`, a multiple
 of the device count (`lsfa_jax.mesh`).
+
+Inside a jitted function, `map_in_chunks` is the one way to bound the memory of a large
+intermediate (kNN distances, attention weights, contrastive logits): a function of one row is
+mapped over the rows a chunk at a time with `jax.lax.map(..., batch_size=...)`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -75,3 +80,20 @@ def map_in_batches(
                 out[name] = np.empty((count, *value.shape[1:]), value.dtype)
             out[name][start:stop] = value[: stop - start]
     return out
+
+
+def map_in_chunks(
+    fn: Callable[[Any], Any], xs: Any, chunk_size: int | None, *, remat: bool = False
+) -> Any:
+    """`fn` of one row over the leading axis of the pytree `xs` (leaves (N, ...)), `chunk_size`
+    rows at a time: (N, ...) outputs, as `jax.vmap(fn)(xs)`.
+
+    Each chunk is one `jax.vmap` of `fn` inside a `jax.lax.map` (`batch_size=chunk_size`; the
+    last N mod chunk_size rows are one more vmap, no padding), so at most chunk_size rows of
+    fn's intermediates exist at once. `chunk_size` None or >= N: one vmap over all rows. With
+    `remat` each chunk is recomputed in the backward pass instead of kept (only when chunked).
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if chunk_size is None or chunk_size >= n:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(jax.checkpoint(fn) if remat else fn, xs, batch_size=chunk_size)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from lsfa_jax.adaptation.banks import Bank, nearest_rows
 from lsfa_jax.adaptation.kmeans import global_feature
+from lsfa_jax.batching import map_in_chunks
 
 BANK_NAMES = ("rgb_local", "xyz_local", "rgb_global", "xyz_global")
 _NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free in the backward pass
@@ -56,28 +57,18 @@ def _infonce_rows(
     """Mean over valid rows i of -log softmax_j(<a_i, b_j> / T)[i], j over valid rows of b.
 
     a, b (N, E) already normalised, mask (N,). With `chunk_size` the (N, N) logits are built
-    `chunk_size` rows at a time, and each chunk is rematerialised in the backward pass, so at
-    most (chunk_size, N) logits exist at once.
+    `chunk_size` rows at a time (`batching.map_in_chunks`), and each chunk is rematerialised in
+    the backward pass, so at most (chunk_size, N) logits exist at once.
     """
-    N = a.shape[0]
-    col_mask = mask[None, :]
 
-    def rows(a_c, b_c, m_c):
-        logits = jnp.matmul(a_c, b.T, precision=jax.lax.Precision.HIGHEST) / temperature
-        lse = jax.nn.logsumexp(jnp.where(col_mask, logits, _NEG), axis=1)
-        pos = jnp.sum(a_c * b_c, axis=-1) / temperature
-        return jnp.where(m_c, lse - pos, 0.0)
+    def row(row_i):
+        a_i, b_i, m_i = row_i
+        logits = jnp.matmul(a_i, b.T, precision=jax.lax.Precision.HIGHEST) / temperature
+        lse = jax.nn.logsumexp(jnp.where(mask, logits, _NEG))
+        pos = jnp.sum(a_i * b_i) / temperature
+        return jnp.where(m_i, lse - pos, 0.0)
 
-    if chunk_size is None or chunk_size >= N:
-        per_row = rows(a, b, mask)
-    else:
-        num_chunks = -(-N // chunk_size)
-        pad = num_chunks * chunk_size - N
-        shape = (num_chunks, chunk_size)
-        a_p = jnp.pad(a, ((0, pad), (0, 0))).reshape(*shape, -1)
-        b_p = jnp.pad(b, ((0, pad), (0, 0))).reshape(*shape, -1)
-        m_p = jnp.pad(mask, (0, pad)).reshape(shape)
-        per_row = jax.lax.map(lambda t: jax.checkpoint(rows)(*t), (a_p, b_p, m_p))
+    per_row = map_in_chunks(row, (a, b, mask), chunk_size, remat=True)
     return jnp.sum(per_row) / jnp.maximum(jnp.sum(mask), 1)
 
 

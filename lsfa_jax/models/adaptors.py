@@ -2,12 +2,12 @@
 docs/method.md#adaptors).
 
 The default adaptor is one pre-norm transformer encoder block (x <- x + Attn(LN1(x)),
-x <- x + MLP(LN2(x))): fused qkv without bias, output projection with bias, exact-erf GELU,
-LayerNorm eps 1e-5, no final LayerNorm. Parameter names mirror the reference state dict
-(`rgb_mlp`, `xyz_mlp`, `rgb_head`, `xyz_head`; inside a block `norm1`, `attn/qkv`, `attn/proj`,
-`norm2`, `mlp/fc1`, `mlp/fc2`). Every Dense uses PyTorch's default nn.Linear initialisation,
-U(+-1/sqrt(fan_in)) for kernel and bias, so a fresh adaptor is distributed like the reference's
-(not an identity map).
+x <- x + MLP(LN2(x)), `models.transformer.EncoderBlock`): fused qkv without bias, output
+projection with bias, exact-erf GELU, LayerNorm eps 1e-5, no final LayerNorm. Parameter names
+mirror the reference state dict (`rgb_mlp`, `xyz_mlp`, `rgb_head`, `xyz_head`; inside a block
+`norm1`, `attn/qkv`, `attn/proj`, `norm2`, `mlp/fc1`, `mlp/fc2`). Every Dense uses PyTorch's
+default nn.Linear initialisation, U(+-1/sqrt(fan_in)) for kernel and bias, so a fresh adaptor is
+distributed like the reference's (not an identity map).
 
 Structures (paper Table 7): `encoder1` (default), `encoder2` (two blocks), `linear` (one Dense
 per token) and `conv1x1` (a 1x1 convolution over the square patch grid; the same function class
@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from lsfa_jax import mesh as meshes
 from lsfa_jax.batching import map_in_batches, padded_batch_size
+from lsfa_jax.models.transformer import DenseLayers, EncoderBlock
 from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
@@ -48,122 +49,6 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-def _dense(
-    features: int,
-    fan_in: int,
-    name: str,
-    use_bias: bool = True,
-    dtype: Any = None,
-    precision: jax.lax.Precision = PINNED,
-) -> nn.Dense:
-    init = torch_uniform_init(fan_in)
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        kernel_init=init,
-        bias_init=init,
-        name=name,
-        dtype=dtype,
-        precision=precision,
-    )
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    scale: float,
-    query_chunk: int | None,
-    precision: jax.lax.Precision = PINNED,
-) -> jax.Array:
-    """softmax(q k^T * scale) v for (B, N, H, hd) inputs -> (B, N, H, hd).
-
-    With N > query_chunk the queries are processed `query_chunk` at a time and each chunk is
-    rematerialised in the backward pass, so at most (B, H, query_chunk, N) weights exist at
-    once (at N = 3136 the full weights are 3.8 GB per layer and batch of 8). Exact either way.
-    """
-
-    def rows(q_c):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q_c * scale, k, precision=precision)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)
-
-    N = q.shape[1]
-    if query_chunk is None or query_chunk >= N:
-        return rows(q)
-    num_chunks = -(-N // query_chunk)
-    q_p = jnp.pad(q, ((0, 0), (0, num_chunks * query_chunk - N), (0, 0), (0, 0)))
-    q_p = jnp.moveaxis(q_p.reshape(q.shape[0], num_chunks, query_chunk, *q.shape[2:]), 1, 0)
-    out = jax.lax.map(jax.checkpoint(rows), q_p)
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])[:, :N]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv Dense; (B, N, C) -> (B, N, C)."""
-
-    dim: int
-    num_heads: int
-    dtype: Any = None
-    query_chunk: int | None = 1024
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        B, N, C = x.shape
-        if C % self.num_heads:
-            raise ValueError(f"adaptors.py: dim {C} is not divisible by {self.num_heads} heads")
-        head_dim = C // self.num_heads
-        dense = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
-        qkv = dense(3 * C, C, "qkv", use_bias=False)(x)
-        # Output channel s*C + h*hd + d, as the reference's reshape to (B, N, 3, H, hd).
-        q, k, v = jnp.moveaxis(qkv.reshape(B, N, 3, self.num_heads, head_dim), 2, 0)
-        out = attention(q, k, v, head_dim**-0.5, self.query_chunk, self.precision)
-        return dense(C, C, "proj")(out.reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2; (B, N, C) -> (B, N, C)."""
-
-    dim: int
-    hidden: int
-    dtype: Any = None
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
-        h = jax.nn.gelu(dense(self.hidden, self.dim, "fc1")(x), approximate=False)
-        return dense(self.dim, self.hidden, "fc2")(h)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm transformer encoder block (docs/method.md#adaptors); (B, N, C) -> (B, N, C)."""
-
-    dim: int
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    ln_eps: float = 1e-5
-    dtype: Any = None
-    attn_query_chunk: int | None = 1024
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        attn = Attention(
-            self.dim,
-            self.num_heads,
-            self.dtype,
-            self.attn_query_chunk,
-            self.precision,
-            name="attn",
-        )
-        x = x + attn(norm(name="norm1")(x))
-        hidden = int(self.dim * self.mlp_ratio)
-        mlp = Mlp(self.dim, hidden, self.dtype, self.precision, name="mlp")
-        return x + mlp(norm(name="norm2")(x))
 
 
 class Adaptor(nn.Module):
@@ -185,20 +70,21 @@ class Adaptor(nn.Module):
         if self.structure in ("encoder1", "encoder2"):
             block = functools.partial(
                 EncoderBlock,
-                self.dim,
                 self.num_heads,
                 self.mlp_ratio,
-                self.ln_eps,
-                self.dtype,
-                self.attn_query_chunk,
-                self.precision,
+                qkv_bias=False,
+                ln_eps=self.ln_eps,
+                dtype=self.dtype,
+                precision=self.precision,
+                dense_init=torch_uniform_init,
+                query_chunk=self.attn_query_chunk,
             )
             for i in range(1 if self.structure == "encoder1" else 2):
                 x = block(name=f"blocks_{i}")(x)
             return x
         if self.structure == "linear":
-            dense = _dense(self.dim, self.dim, "linear", dtype=self.dtype, precision=self.precision)
-            return dense(x)
+            dense = DenseLayers(self.dtype, self.precision, torch_uniform_init)
+            return dense(self.dim, self.dim, "linear")(x)
         if self.structure == "conv1x1":
             B, N, C = x.shape
             side = math.isqrt(N)
@@ -251,7 +137,7 @@ class LSFAModel(nn.Module):
         )
         self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
         self.xyz_mlp = adaptor(self.xyz_dim, num_heads=self.xyz_heads)
-        head = functools.partial(_dense, dtype=self.dtype, precision=self.precision)
+        head = DenseLayers(self.dtype, self.precision, torch_uniform_init)
         self.rgb_head = head(self.proj_dim, self.rgb_dim, "rgb_head")
         self.xyz_head = head(self.proj_dim, self.xyz_dim, "xyz_head")
 

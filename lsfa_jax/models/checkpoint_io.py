@@ -15,7 +15,7 @@ import pickle
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,47 +58,10 @@ class _CorruptTensorError(Exception):
     """A tensor whose size/stride/offset does not fit its storage."""
 
 
-def _rebuild_tensor_v2(
-    storage: np.ndarray,
-    storage_offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool,
-    backward_hooks: Any,
-    metadata: Any = None,
-) -> np.ndarray:
-    """Same signature as torch._utils._rebuild_tensor_v2; returns a contiguous numpy copy."""
-    del requires_grad, backward_hooks, metadata
-    size, stride = tuple(size), tuple(stride)
-    if any(s < 0 for s in size) or any(s < 0 for s in stride) or len(size) != len(stride):
-        raise _CorruptTensorError(f"bad size {size} / stride {stride}")
-    if 0 in size:
-        return np.zeros(size, dtype=storage.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-    if storage_offset < 0 or last >= storage.size:
-        raise _CorruptTensorError(
-            f"tensor of size {size}, stride {stride}, offset {storage_offset} "
-            f"reaches past its storage of {storage.size} elements"
-        )
-    base = storage[storage_offset:]
-    view = np.lib.stride_tricks.as_strided(
-        base, shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
-    )
-    return np.array(view, order="C", copy=True)
-
-
-def _rebuild_tensor_header(
-    storage: np.ndarray,
-    storage_offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool,
-    backward_hooks: Any,
-    metadata: Any = None,
-) -> np.ndarray:
-    """`_rebuild_tensor_v2` for `read_header`: the same checks, a zero-byte stand-in of the
-    tensor's shape and dtype (np.broadcast_to of a scalar) instead of a copy."""
-    del requires_grad, backward_hooks, metadata
+def _checked_layout(
+    storage: np.ndarray, storage_offset: int, size: Sequence[int], stride: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(size, stride) as tuples; raises _CorruptTensorError when they do not fit the storage."""
     size, stride = tuple(size), tuple(stride)
     if any(s < 0 for s in size) or any(s < 0 for s in stride) or len(size) != len(stride):
         raise _CorruptTensorError(f"bad size {size} / stride {stride}")
@@ -108,6 +71,30 @@ def _rebuild_tensor_header(
             f"tensor of size {size}, stride {stride}, offset {storage_offset} "
             f"reaches past its storage of {storage.size} elements"
         )
+    return size, stride
+
+
+def _rebuild_tensor_v2(
+    storage: np.ndarray, storage_offset: int, size: Sequence[int], stride: Sequence[int], *_: Any
+) -> np.ndarray:
+    """Same signature as torch._utils._rebuild_tensor_v2 (the trailing requires_grad,
+    backward_hooks and optional metadata are ignored); returns a contiguous numpy copy."""
+    size, stride = _checked_layout(storage, storage_offset, size, stride)
+    if 0 in size:
+        return np.zeros(size, dtype=storage.dtype)
+    base = storage[storage_offset:]
+    view = np.lib.stride_tricks.as_strided(
+        base, shape=size, strides=[s * storage.itemsize for s in stride], writeable=False
+    )
+    return np.array(view, order="C", copy=True)
+
+
+def _rebuild_tensor_header(
+    storage: np.ndarray, storage_offset: int, size: Sequence[int], stride: Sequence[int], *_: Any
+) -> np.ndarray:
+    """`_rebuild_tensor_v2` for `read_header`: the same checks, a zero-byte stand-in of the
+    tensor's shape and dtype (np.broadcast_to of a scalar) instead of a copy."""
+    size, _ = _checked_layout(storage, storage_offset, size, stride)
     return np.broadcast_to(np.zeros((), storage.dtype), size)
 
 

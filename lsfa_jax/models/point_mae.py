@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lsfa_jax.batching import map_in_chunks
 from lsfa_jax.models import checkpoint_io
+from lsfa_jax.models.transformer import EncoderBlock
 from lsfa_jax.precision import PINNED, policy
 
 # pointnet2 FPS never selects points with squared norm at or below this value.
@@ -164,22 +166,6 @@ def farthest_point_sampling(
     return indices
 
 
-def _chunked_map(fn, xs: jax.Array, chunk_size: int) -> jax.Array:
-    """Applies fn to (chunk_size, ...) slices of xs (padded by edge repetition) with lax.map.
-
-    Bounds the memory of fn's (chunk_size, N) intermediates; returns fn's rows for xs only.
-    """
-    n = xs.shape[0]
-    chunk_size = min(chunk_size, n)
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
-    # No zero-count repeat when nothing is padded (jax2onnx would export it as one row).
-    padded = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)]) if pad else xs
-    chunks = padded.reshape(num_chunks, chunk_size, *xs.shape[1:])
-    out = jax.lax.map(fn, chunks)
-    return jax.tree.map(lambda y: y.reshape(num_chunks * chunk_size, *y.shape[2:])[:n], out)
-
-
 def knn_group(
     points: jax.Array,
     point_mask: jax.Array,
@@ -202,12 +188,12 @@ def knn_group(
     points = points.astype(jnp.float32)
     centres = centres.astype(jnp.float32)
 
-    def nearest(centre_chunk):
-        distance = squared_distances(centre_chunk, points)
-        distance = jnp.where(point_mask[None, :], distance, jnp.inf)
+    def nearest(centre):
+        distance = squared_distances(centre[None], points)[0]
+        distance = jnp.where(point_mask, distance, jnp.inf)
         return jax.lax.top_k(-distance, group_size)[1].astype(jnp.int32)
 
-    idx = _chunked_map(nearest, centres, chunk_size)
+    idx = map_in_chunks(nearest, centres, chunk_size)
     neighbourhoods = points[idx] - centres[:, None, :]
     return idx, neighbourhoods
 
@@ -234,14 +220,14 @@ def interpolate_to_points(
     points = points.astype(jnp.float32)
     centres = centres.astype(jnp.float32)
 
-    def interpolate(point_chunk):
-        distance = squared_distances(point_chunk, centres)
+    def interpolate(point):
+        distance = squared_distances(point[None], centres)[0]
         neg_distance, idx = jax.lax.top_k(-distance, 3)
         weights = 1.0 / (-neg_distance + INTERPOLATION_EPS)
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        return jnp.einsum("nk,nkc->nc", weights, centre_features[idx], precision=PINNED)
+        weights = weights / jnp.sum(weights)
+        return jnp.einsum("k,kc->c", weights, centre_features[idx], precision=PINNED)
 
-    features = _chunked_map(interpolate, points, chunk_size)
+    features = map_in_chunks(interpolate, points, chunk_size)
     return jnp.where(point_mask[:, None], features, 0.0)
 
 
@@ -282,60 +268,6 @@ class MiniPointNet(nn.Module):
         return jnp.max(h, axis=-2).astype(jnp.float32)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (no bias), torch channel order."""
-
-    num_heads: int
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., G, C) -> (..., G, C)."""
-        channels = x.shape[-1]
-        head_dim = channels // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
-        qkv = dense(3 * channels, use_bias=False, name="qkv")(x)
-        # Output channel s*C + h*hd + d: split as (3, heads, head_dim) in that order.
-        qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, head_dim)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k, precision=self.precision)
-        weights = jax.nn.softmax(logits.astype(jnp.float32) * head_dim**-0.5, axis=-1)
-        out = jnp.einsum(
-            "...hqk,...khd->...qhd", weights.astype(v.dtype), v, precision=self.precision
-        )
-        return dense(channels, name="proj")(out.reshape(x.shape))
-
-
-class Mlp(nn.Module):
-    hidden_dim: int
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
-        h = nn.gelu(dense(self.hidden_dim, name="fc1")(x), approximate=False)
-        return dense(x.shape[-1], name="fc2")(h)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block, LayerNorm eps 1e-5."""
-
-    num_heads: int
-    mlp_ratio: float
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        norm = functools.partial(nn.LayerNorm, 1e-5, dtype=self.dtype)
-        attn = Attention(self.num_heads, self.dtype, self.precision, name="attn")
-        x = x + attn(norm(name="norm1")(x))
-        hidden = int(x.shape[-1] * self.mlp_ratio)
-        return x + Mlp(hidden, self.dtype, self.precision, name="mlp")(norm(name="norm2")(x))
-
-
 class PointMAEEncoder(nn.Module):
     """Point-MAE encoder in eval mode, M3DM/LSFA feature taps.
 
@@ -373,10 +305,19 @@ class PointMAEEncoder(nn.Module):
         pos = dense(self.trans_dim, name="pos_embed_2")(nn.gelu(pos, approximate=False))
         pos = pos.astype(jnp.float32)
         final_norm = nn.LayerNorm(1e-5, dtype=dtype, name="norm")
+        # Point-MAE's blocks: no qkv bias, LayerNorm eps 1e-5.
+        block = functools.partial(
+            EncoderBlock,
+            self.num_heads,
+            self.mlp_ratio,
+            qkv_bias=False,
+            ln_eps=1e-5,
+            dtype=dtype,
+            precision=precision,
+        )
         taps = []
         for i in range(self.depth):
-            block = Block(self.num_heads, self.mlp_ratio, dtype, precision, name=f"blocks_{i}")
-            x = block(x + pos)
+            x = block(name=f"blocks_{i}")(x + pos)
             if i in self.out_layers:
                 taps.append(final_norm(x).astype(jnp.float32))
         return jnp.concatenate(taps, axis=-1)

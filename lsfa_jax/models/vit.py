@@ -2,7 +2,8 @@
 
 Architecture as in docs/method.md#dino-vit-features-and-the-56x56-grid: conv patch embedding, CLS
 token, learned position
-embedding, pre-norm blocks (fused qkv, exact-erf GELU), final LayerNorm (eps 1e-6). Parameter
+embedding, pre-norm blocks (`models.transformer.EncoderBlock`: fused qkv, exact-erf GELU),
+final LayerNorm (eps 1e-6). Parameter
 names mirror the torch names: `patch_embed/proj`, `cls_token`, `pos_embed`,
 `blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}`, `norm`.
 
@@ -32,6 +33,7 @@ from lsfa_jax.models.checkpoint_io import (
     read_header,
     strict_match,
 )
+from lsfa_jax.models.transformer import EncoderBlock
 from lsfa_jax.precision import PINNED, policy
 
 
@@ -142,61 +144,6 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (torch channel order)."""
-
-    num_heads: int
-    qkv_bias: bool = True
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, d = x.shape
-        head_dim = d // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
-        qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
-        # torch reshapes to (B, N, 3, heads, head_dim): channel = s*D + h*head_dim + c.
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q * head_dim**-0.5, k, precision=self.precision)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v, precision=self.precision)
-        return dense(d, name="proj")(out.reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    hidden_dim: int
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, precision=self.precision)
-        x = dense(self.hidden_dim, name="fc1")(x)
-        x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU default is exact erf
-        return dense(d, name="fc2")(x)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    num_heads: int
-    mlp_dim: int
-    qkv_bias: bool = True
-    ln_eps: float = 1e-6
-    dtype: Any = jnp.float32
-    precision: jax.lax.Precision = PINNED
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        norm = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype)
-        attn = Attention(self.num_heads, self.qkv_bias, self.dtype, self.precision, name="attn")
-        x = x + attn(norm(name="norm1")(x))
-        mlp = Mlp(self.mlp_dim, self.dtype, self.precision, name="mlp")
-        return x + mlp(norm(name="norm2")(x))
-
-
 _init_std = nn.initializers.truncated_normal(0.02)
 
 
@@ -204,19 +151,12 @@ class VisionTransformer(nn.Module):
     """DINO ViT. (B, H, W, 3) ImageNet-normalised -> (B, 1 + H/p * W/p, D) normalised tokens.
 
     Token 0 is CLS; the rest are the patch tokens row-major over the (H/p, W/p) grid. Inputs of
-    another size than `img_size` get a bicubically resized position embedding. `dtype` and
+    another size than `config.img_size` get a bicubically resized position embedding. `dtype` and
     `precision` are those of the dense layers, the patch convolution and the attention einsums
     (`lsfa_jax.precision`); the residual stream and the output stay float32.
     """
 
-    img_size: int = 224
-    patch_size: int = 8
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    ln_eps: float = 1e-6
+    config: ViTConfig = ViTConfig()  # frozen, hashable: fine as a default
     dtype: Any = jnp.float32
     precision: jax.lax.Precision = PINNED
 
@@ -224,33 +164,35 @@ class VisionTransformer(nn.Module):
     def from_config(cls, cfg: ViTConfig, precision: str = "highest") -> VisionTransformer:
         """The ViT of these sizes under the precision policy named `precision`."""
         layers = policy(precision)
-        return cls(**dataclasses.asdict(cfg), dtype=layers.dtype, precision=layers.precision)
+        return cls(cfg, dtype=layers.dtype, precision=layers.precision)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config
         b, h, w, _ = images.shape
-        p, d = self.patch_size, self.embed_dim
+        p, d = cfg.patch_size, cfg.embed_dim
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         embed = PatchEmbed(p, d, self.dtype, self.precision, name="patch_embed")
         x = embed(images).astype(jnp.float32)
         cls_token = self.param("cls_token", _init_std, (1, 1, d))
-        g = self.img_size // p
+        g = cfg.grid_size
         pos_embed = self.param("pos_embed", _init_std, (1, 1 + g * g, d))
         cls = jnp.broadcast_to(cls_token, (b, 1, d))
         x = jnp.concatenate([cls, x], axis=1)
         x = x + resize_pos_embed(pos_embed, (h // p, w // p))
-        for i in range(self.depth):
-            x = Block(
-                self.num_heads,
-                int(d * self.mlp_ratio),
-                self.qkv_bias,
-                self.ln_eps,
-                self.dtype,
-                self.precision,
-                name=f"blocks_{i}",
-            )(x)
-        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm")(x)
+        block = functools.partial(
+            EncoderBlock,
+            cfg.num_heads,
+            cfg.mlp_ratio,
+            cfg.qkv_bias,
+            cfg.ln_eps,
+            self.dtype,
+            self.precision,
+        )
+        for i in range(cfg.depth):
+            x = block(name=f"blocks_{i}")(x)
+        x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=self.dtype, name="norm")(x)
         return x.astype(jnp.float32)
 
 
