@@ -99,8 +99,8 @@ def test_predict_colours_mean_the_same_score_in_separate_calls(
     maps = {"a": np.where(region, 0.5 * ramp, ramp), "b": np.where(region, 5.0 * ramp, ramp)}
     original = class_eval.score_features
 
-    def controlled_maps(bank, features, settings, desc):
-        scores, _ = original(bank, features, settings, desc)
+    def controlled_maps(bank, features, settings, desc, **kwargs):
+        scores, _ = original(bank, features, settings, desc, **kwargs)
         return scores, maps[current]
 
     monkeypatch.setattr(class_eval, "score_features", controlled_maps)

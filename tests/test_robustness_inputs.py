@@ -33,6 +33,7 @@ from lsfa_jax.data import mvtec3d, preprocess
 from lsfa_jax.features import backbones, fpfh
 from lsfa_jax.jobs import evaluate, run_job
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir
+from lsfa_jax.mesh import make_mesh
 from lsfa_jax.models import checkpoint_io, point_mae, vit
 from lsfa_jax.reports import tables
 
@@ -424,7 +425,9 @@ def test_eval_with_a_checkpoint_trained_with_other_adaptor_settings(tmp_path: Pa
     config.update(mode="eval", method="lsfa", checkpoint=str(checkpoints))
     config.adaptation.rgb_heads = 4
     try:
-        _, settings = evaluate.load_or_train_adaptors(config, None, ("bagel",), tmp_path, None)
+        _, settings = evaluate.load_or_train_adaptors(
+            config, None, ("bagel",), tmp_path, None, make_mesh()
+        )
     except ConfigError as error:
         assert "rgb_heads" in str(error) and str(checkpoints) in str(error)
     else:

@@ -9,11 +9,13 @@ import ml_collections
 from lsfa_jax import console
 from lsfa_jax.jobs.checks import check_inputs
 from lsfa_jax.jobs.common import prepare_workdir
-from lsfa_jax.jobs.validate import validate
 
 
 def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Runs `config.mode` for `config.method`, writing everything below `workdir`."""
+    console.import_tensorflow_quietly()  # validate imports the data builders, which load it
+    from lsfa_jax.jobs.validate import validate
+
     validate(config)
     path = prepare_workdir(workdir)
     console.stage(
@@ -24,7 +26,6 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
         path,
     )
     check_inputs(config, path)  # seconds, before any long work
-    console.import_tensorflow_quietly()  # the jobs' data pipeline needs it
     if config.mode == "prepare":
         from lsfa_jax.jobs.prepare import run_prepare
 

@@ -10,6 +10,7 @@ must give the same numbers. Used in subprocesses started with forced host device
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from configs.base import get_base_config
 from lsfa_jax.adaptation.train import TrainState, train_adaptors
 from lsfa_jax.features.extract import Backbones
 from lsfa_jax.features.source import FeatureSource
@@ -118,7 +120,9 @@ def score(mesh: Mesh, adapted: dict[str, np.ndarray], batch_size: int = 3) -> di
     for modality in ("rgb", "xyz"):
         library = adapted[modality][:BANK].reshape(-1, adapted[modality].shape[-1])
         bank = build_memory_bank(library, ratio=0.25, key=jax.random.key(2), pad_multiple=128)
-        settings = ScoringSettings(out_size=IMAGE, batch_size=batch_size)
+        settings = dataclasses.replace(
+            ScoringSettings.from_config(get_base_config()), out_size=IMAGE, batch_size=batch_size
+        )
         scores, maps = score_features(bank, adapted[modality][BANK:], settings, mesh=mesh)
         out[f"scores/{modality}"], out[f"maps/{modality}"] = scores, maps
     return out
