@@ -1,14 +1,7 @@
 """Does the adaptation do what the paper claims? A controlled experiment where the answer is known.
 
-Frozen "pretrained" features of each patch are a fixed random linear mix of
-  - a shared code z (CODE_DIM dims) that both modalities see: normal samples vary in the first
-    USED_DIM code directions only, defects change the others;
-  - large modality-specific nuisance (NUISANCE_DIM dims per modality, std NUISANCE_STD): the
-    domain gap, which differs between the modalities and carries nothing about defects.
-Anomalous test images shift a 3x3 block of patches by SHIFT along one direction:
-  positive case     a code direction normal samples do not use (what a defect changes);
-  negative control  a nuisance direction of the RGB modality (normal samples vary along it), so
-                    compacting the normal feature distribution cannot help.
+The feature model (frozen features mixing a shared code with modality nuisance; a positive
+case and a negative control) is described in tests/helpers/adaptation_experiment.py.
 
 The data and the runs live in tests/helpers/adaptation_experiment.py (the test of the effect's
 direction, tests/test_adaptation_evidence.py, runs the same code). Runs per case and seed: raw

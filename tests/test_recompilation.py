@@ -27,6 +27,7 @@ from lsfa_jax.patchcore.bank import build_memory_bank
 from lsfa_jax.patchcore.coreset import coreset_size
 from lsfa_jax.patchcore.scorer import score_batch
 from tests.helpers.tiny import TINY_POINT_BACKBONE, tiny_evaluation_config
+from tests.helpers.tiny_stages import organized_cloud
 
 _COMPILING = re.compile(r"Compiling (?:jit\()?([^\s()]+)")
 
@@ -113,16 +114,6 @@ def test_scorer_compiles_once_for_two_classes() -> None:
     assert counts[1] == counts[0], f"second class compiled {log.since(counts[0])}"
 
 
-def _organized_cloud(size: int, hole: int, seed: int) -> np.ndarray:
-    """(size, size, 3) bumpy surface in metres with a (hole x hole) missing square."""
-    rng = np.random.default_rng(seed)
-    v, u = np.mgrid[:size, :size] / size
-    z = 0.5 + 0.01 * np.sin(6 * u) * np.cos(5 * v) + 1e-4 * rng.normal(size=u.shape)
-    cloud = np.stack([u * 0.1, v * 0.1, z], axis=-1).astype(np.float32)
-    cloud[:hole, :hole] = 0.0
-    return cloud
-
-
 def test_extractors_compile_once_for_two_batches() -> None:
     """ViT and the Point-MAE branch on two batches whose clouds have different numbers of valid
     points (packing to a fixed size with a mask keeps the shapes static)."""
@@ -134,7 +125,7 @@ def test_extractors_compile_once_for_two_batches() -> None:
     batches = [
         (
             rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
-            np.stack([_organized_cloud(32, hole, seed) for seed, hole in enumerate(holes)]),
+            np.stack([organized_cloud(32, hole, seed) for seed, hole in enumerate(holes)]),
         )
         for holes in ((0, 5), (11, 17))
     ]
@@ -174,7 +165,7 @@ def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path)
     rng = np.random.default_rng(0)
     inputs = {
         "rgb": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
-        "xyz": np.stack([_organized_cloud(32, 3 + i, i) for i in range(10)]),
+        "xyz": np.stack([organized_cloud(32, 3 + i, i) for i in range(10)]),
         "file_id": np.asarray([f"s{i}" for i in range(10)]),
     }
     jax.clear_caches()
