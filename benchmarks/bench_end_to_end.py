@@ -33,7 +33,7 @@ from common import CompileCounter, best_of, emit, machine_description
 
 from configs.base import get_base_config
 from lsfa_jax.adaptation.train import build_model
-from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.features.point_mae_grid import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index

@@ -45,14 +45,14 @@ def _run_backend(backend: str, xyz: Path, repeats: int) -> dict:
     if backend == "jax":
         import jax
 
-        from lsfa_jax.features import backbones
+        from lsfa_jax.features import point_mae_grid
         from lsfa_jax.models import point_mae
 
         state = {k: v.numpy() for k, v in model.state_dict().items()}
         variables = point_mae.point_mae_params_from_state_dict(state, model_cfg=CFG, source="bench")
 
         def run():
-            features, _ = backbones.point_mae_patch_grid(variables, cloud, CFG)
+            features, _ = point_mae_grid.point_mae_patch_grid(variables, cloud, CFG)
             return jax.block_until_ready(features)
     else:
         import torch

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from common import best_of, emit, machine_description  # noqa: E402
 
-from lsfa_jax.features.backbones import point_mae_patch_grid_batch  # noqa: E402
+from lsfa_jax.features.point_mae_grid import point_mae_patch_grid_batch  # noqa: E402
 from lsfa_jax.models import point_mae, vit  # noqa: E402
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params, lsfa_model  # noqa: E402
 
@@ -94,7 +94,7 @@ def stages(batch: int, repeats: int) -> None:
 def synthetic() -> None:
     from configs import synthetic as synthetic_config
     from lsfa_jax.features.source import feature_source
-    from lsfa_jax.jobs import evaluate
+    from lsfa_jax.jobs import run_evaluation
     from lsfa_jax.jobs.common import cache_dir, prepared_dataset
 
     results, features = {}, {}
@@ -138,7 +138,7 @@ def synthetic() -> None:
             config.report.num_overlays = 0
             config.report.plots = False
             workdir = Path(tmp) / policy
-            results[policy] = evaluate.run_evaluation(config, workdir)
+            results[policy] = run_evaluation.run_evaluation(config, workdir)
             prepared = prepared_dataset(config, workdir)
             source = feature_source(config, prepared, cache_dir(config, workdir))
             features[policy] = {c: source.split(c, "test").arrays for c in ("sphere_cap", "torus")}

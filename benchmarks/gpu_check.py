@@ -42,7 +42,7 @@ from bench_train_step import train_step_figures  # noqa: E402
 from common import best_of, device_peak_mib, machine_description  # noqa: E402
 
 from lsfa_jax.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
-from lsfa_jax.features.backbones import point_mae_patch_grid, point_mae_patch_grid_batch  # noqa: E402
+from lsfa_jax.features.point_mae_grid import point_mae_patch_grid, point_mae_patch_grid_batch  # noqa: E402
 from lsfa_jax.models import point_mae, vit  # noqa: E402
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params, lsfa_model  # noqa: E402
 from lsfa_jax.patchcore.knn import (  # noqa: E402

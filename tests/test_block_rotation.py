@@ -13,7 +13,7 @@ import pytest
 from lsfa_jax.data.block_rotation import block_rotation_turns, rotate_blocks
 from lsfa_jax.features.extract import Backbones
 from lsfa_jax.features.source import FeatureSource
-from lsfa_jax.jobs.train import make_batches_fn
+from lsfa_jax.jobs.adaptor_training import make_batches_fn
 from lsfa_jax.models import vit
 
 

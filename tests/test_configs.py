@@ -118,3 +118,11 @@ def test_tests_share_helpers_only_through_tests_helpers() -> None:
     pattern = re.compile(r"^\s*(from|import)\s+(test_\w+|tests\.test_\w+|benchmarks)\b", re.M)
     offenders = [p.name for p in Path("tests").rglob("*.py") if pattern.search(p.read_text())]
     assert not offenders
+
+
+def test_a_job_never_imports_another_job() -> None:
+    """Each `jobs/run_<mode>.py` imports library modules and the shared job helpers only."""
+    jobs = sorted(Path("lsfa_jax/jobs").glob("run_*.py"))
+    assert len(jobs) == 6  # prepare, evaluation, test, predict, export, convert
+    pattern = re.compile(r"^\s*(from|import)\s+lsfa_jax\.jobs\.run_\w+|jobs import run_", re.M)
+    assert not [p.name for p in jobs if pattern.search(p.read_text())]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lsfa_jax import model_folder as model_store
 from lsfa_jax.evaluators import class_eval
-from lsfa_jax.jobs import evaluate, predict
+from lsfa_jax.jobs import run_evaluation, run_predict
 from lsfa_jax.reports import overlays
 from tests.helpers.tiny import tiny_evaluation_config
 
@@ -33,7 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config = tiny_evaluation_config(root / "raw")
         config.cache_dir = str(root / "cache")
         config.patchcore.bank_dtype = dtype
-        out[dtype] = (config, root / dtype, evaluate.run_evaluation(config, root / dtype))
+        out[dtype] = (config, root / dtype, run_evaluation.run_evaluation(config, root / dtype))
     return out
 
 
@@ -110,7 +110,7 @@ def test_predict_colours_mean_the_same_score_in_separate_calls(
     panels, rows = {}, {}
     for current in ("a", "b"):
         config.input = str(inputs[current])
-        (row,) = predict.run_predict(config, runs["root"] / f"predict_{current}")
+        (row,) = run_predict.run_predict(config, runs["root"] / f"predict_{current}")
         rows[current] = row
         panels[current] = _heat_panel(Path(row["image"]), size)
     for row in rows.values():

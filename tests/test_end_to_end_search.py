@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lsfa_jax import model_folder as model_store
-from lsfa_jax.jobs import evaluate, run_job
+from lsfa_jax.jobs import run_evaluation, run_job
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.patchcore.coreset import coreset_size
 from tests.helpers.tiny import tiny_evaluation_config
@@ -31,7 +31,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config = tiny_evaluation_config(root / "raw")
         config.cache_dir = str(root / "cache")
         config.patchcore.update(overrides)
-        out[name] = (config, root / name, evaluate.run_evaluation(config, root / name))
+        out[name] = (config, root / name, run_evaluation.run_evaluation(config, root / name))
     return out
 
 

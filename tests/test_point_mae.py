@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 
-from lsfa_jax.features import backbones
+from lsfa_jax.features import point_mae_grid
 from lsfa_jax.features.patch_grid import pack_valid_points
 from lsfa_jax.models import checkpoint_io
 from lsfa_jax.models import point_mae as pm
@@ -133,11 +133,11 @@ def test_small_clouds_raise_or_repeat_centres():
     # Four farthest-point picks, then duplicates of the first centre.
     np.testing.assert_array_equal(fps, [0, 3, 1, 2, 0, 0, 0, 0])
     np.testing.assert_array_equal(fps, fps_numpy(points_np, mask_np, 8))
-    features, foreground = backbones.point_mae_patch_grid(variables, cloud, cfg, grid_size=2)
+    features, foreground = point_mae_grid.point_mae_patch_grid(variables, cloud, cfg, grid_size=2)
     assert np.all(np.isfinite(np.asarray(features))) and np.asarray(foreground).any()
 
     with pytest.raises(ValueError, match=r"tiny\[0\]: only 4 valid points.*group_size=5"):
-        backbones.point_mae_patch_grid(
+        point_mae_grid.point_mae_patch_grid(
             variables, cloud, dict(cfg, group_size=5), grid_size=2, name="tiny"
         )
 
@@ -201,7 +201,9 @@ def test_point_grid_matches_torch_pipeline(tmp_path):
     clouds = np.stack(
         [synthetic_cloud(40, seed=3), synthetic_cloud(40, seed=4, valid_fraction=0.3)]
     )
-    got, foreground = backbones.point_mae_patch_grid_batch(variables, clouds, cfg, grid_size=12)
+    got, foreground = point_mae_grid.point_mae_patch_grid_batch(
+        variables, clouds, cfg, grid_size=12
+    )
     for b, cloud in enumerate(clouds):
         want, _, _ = torch_point_grid(model, cloud, cfg["num_group"], cfg["group_size"], 12)
         want = want.numpy()
@@ -209,7 +211,7 @@ def test_point_grid_matches_torch_pipeline(tmp_path):
         np.testing.assert_allclose(np.asarray(got[b]), want, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(np.asarray(foreground[b]), np.all(want != 0, axis=1))
         assert 0 < np.asarray(foreground[b]).sum() < 144
-    single, _ = backbones.point_mae_patch_grid(variables, clouds[1], cfg, grid_size=12)
+    single, _ = point_mae_grid.point_mae_patch_grid(variables, clouds[1], cfg, grid_size=12)
     np.testing.assert_allclose(np.asarray(single), np.asarray(got[1]), atol=1e-6, rtol=0)
 
 
@@ -221,7 +223,7 @@ def test_real_config_on_real_cloud_matches_torch_and_numpy_grouping(tmp_path):
     variables = pm.load_point_mae_variables(path, REAL_CFG)
     assert pm.count_parameters(variables) == sum(p.numel() for p in model.parameters())
     assert 21.7e6 < pm.count_parameters(variables) < 21.9e6  # notes §8.2: about 21.8 M
-    got, foreground = backbones.point_mae_patch_grid(variables, cloud, REAL_CFG)
+    got, foreground = point_mae_grid.point_mae_patch_grid(variables, cloud, REAL_CFG)
     want, want_fps, want_knn = torch_point_grid(model, cloud, 1024, 128, 56)
     want = want.numpy()
     # Grouping on the packed cloud (valid points first, raster order) equals numpy's.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lsfa_jax import precision as precision_policy
-from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.features.point_mae_grid import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.models.adaptors import apply_adaptors, init_lsfa_params, lsfa_model
 from lsfa_jax.patchcore.bank import build_memory_bank
@@ -185,7 +185,7 @@ def _point_grid(policy: str):
     encoder = point_mae.point_mae_encoder(cfg, policy)
     # The jitted body of point_mae_patch_grid_batch (host checks run once, outside the trace).
     point_mae_patch_grid_batch(variables, clouds, cfg, grid_size=8, precision=policy)
-    from lsfa_jax.features.backbones import _compiled
+    from lsfa_jax.features.point_mae_grid import _compiled
 
     body = _compiled(encoder, 8, True)
     return lambda c: body(variables, c), jnp.asarray(clouds)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lsfa_jax.features.backbones import point_mae_patch_grid_batch
+from lsfa_jax.features.point_mae_grid import point_mae_patch_grid_batch
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.patchcore.bank import build_memory_bank
 from lsfa_jax.patchcore.coreset import coreset_size
@@ -187,13 +187,13 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     scoring the second class (validation and test splits, both modalities) reuses the first
     class's executables."""
     from lsfa_jax.evaluators import class_eval
-    from lsfa_jax.jobs import evaluate
+    from lsfa_jax.jobs import run_evaluation
 
     jax.clear_caches()  # earlier tests in this process may have compiled the same shapes
     config = tiny_evaluation_config(tmp_path / "raw")
     per_class: list[dict] = []
     original_score = class_eval.score_features
-    original_one_class = evaluate.evaluate_one_class
+    original_one_class = run_evaluation.evaluate_one_class
 
     def counting_one_class(config, class_name, *args, **kwargs):
         per_class.append({"class": class_name, "score_split": Counter()})
@@ -205,10 +205,10 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
         per_class[-1]["score_split"].update(log.since(start))
         return out
 
-    monkeypatch.setattr(evaluate, "evaluate_one_class", counting_one_class)
+    monkeypatch.setattr(run_evaluation, "evaluate_one_class", counting_one_class)
     monkeypatch.setattr(class_eval, "score_features", counting_score_split)
     with compile_log() as log:
-        results = evaluate.run_evaluation(config, tmp_path / "work")
+        results = run_evaluation.run_evaluation(config, tmp_path / "work")
     assert [c["class"] for c in per_class] == ["sphere_cap", "torus"]
     assert set(results) == {"RGB", "3D", "RGB+3D"}
     first, second = (c["score_split"] for c in per_class)

@@ -30,8 +30,8 @@ from lsfa_jax.adaptation.checkpointing import (
     load_adaptor_params,
 )
 from lsfa_jax.data import mvtec3d, preprocess
-from lsfa_jax.features import backbones, fpfh
-from lsfa_jax.jobs import evaluate, run_job
+from lsfa_jax.features import fpfh, point_mae_grid
+from lsfa_jax.jobs import run_evaluation, run_job
 from lsfa_jax.jobs.common import ConfigError, prepare_workdir
 from lsfa_jax.mesh import make_mesh
 from lsfa_jax.models import checkpoint_io, point_mae, vit
@@ -226,7 +226,7 @@ def test_cloud_empty_after_preprocessing_is_named() -> None:
     clouds = np.zeros((2, 16, 16, 3), np.float32)
     clouds[0, 4:12, 4:12] = np.random.default_rng(0).uniform(0.1, 1.0, (8, 8, 3))
     with pytest.raises(ValueError, match=r"test/good/001\[1\]: only 0 valid points"):
-        backbones.point_mae_patch_grid_batch(
+        point_mae_grid.point_mae_patch_grid_batch(
             _point_variables(), clouds, TINY_POINT, grid_size=4, name="test/good/001"
         )
 
@@ -237,7 +237,7 @@ def test_cloud_with_fewer_points_than_group_size_is_named() -> None:
     with pytest.raises(
         ValueError, match=r"sample-7\[0\]: only 3 valid points, fewer than group_size=4"
     ):
-        backbones.point_mae_patch_grid(
+        point_mae_grid.point_mae_patch_grid(
             _point_variables(), cloud, TINY_POINT, grid_size=4, name="sample-7"
         )
 
@@ -246,7 +246,7 @@ def test_cloud_with_fewer_points_than_groups_is_documented_and_finite() -> None:
     """group_size <= points < num_group: allowed (FPS repeats centres), features stay finite."""
     cloud = np.zeros((16, 16, 3), np.float32)
     cloud[5, 2:8] = np.random.default_rng(1).uniform(0.1, 1.0, (6, 3))
-    features, foreground = backbones.point_mae_patch_grid(
+    features, foreground = point_mae_grid.point_mae_patch_grid(
         _point_variables(), cloud, TINY_POINT, grid_size=4
     )
     assert np.all(np.isfinite(np.asarray(features)))
@@ -425,7 +425,7 @@ def test_eval_with_a_checkpoint_trained_with_other_adaptor_settings(tmp_path: Pa
     config.update(mode="eval", method="lsfa", checkpoint=str(checkpoints))
     config.adaptation.rgb_heads = 4
     try:
-        _, settings = evaluate.load_or_train_adaptors(
+        _, settings = run_evaluation.load_or_train_adaptors(
             config, None, ("bagel",), tmp_path, None, make_mesh()
         )
     except ConfigError as error:

@@ -17,8 +17,8 @@ from lsfa_jax.adaptation.train import (
     make_train_step,
 )
 from lsfa_jax.data.few_shot import few_shot_indices
-from lsfa_jax.jobs.evaluate import bank_indices
-from lsfa_jax.jobs.train import training_indices
+from lsfa_jax.jobs.adaptor_training import training_indices
+from lsfa_jax.jobs.run_evaluation import bank_indices
 
 B, P, CI, CP = 4, 9, 8, 12
 # The few-shot variants change the training set, not the train step (tested below).

@@ -215,7 +215,7 @@ def point_patch_features(
     onnx: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """(S, S, 3) cloud -> ((G*G, C) Point-MAE patch features, (G*G,) foreground), the steps of
-    `features.backbones.point_mae_patch_grid`."""
+    `features.point_mae_grid.point_mae_patch_grid`."""
     pack = pack_valid_points_by_cumsum if onnx else pack_valid_points
     points, pixel_index, point_mask = pack(organized.astype(jnp.float32))
     fps = farthest_point_sampling_carried if onnx else point_mae.farthest_point_sampling

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from lsfa_jax import mesh as meshes
 from lsfa_jax.batching import pad_batch, padded_batch_size
 from lsfa_jax.errors import UserError
-from lsfa_jax.features.backbones import check_clouds, point_mae_clouds
+from lsfa_jax.features.point_mae_grid import check_clouds, point_mae_clouds
 from lsfa_jax.models import point_mae, vit
 from lsfa_jax.precision import config_policy
 

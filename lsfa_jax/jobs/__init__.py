@@ -27,26 +27,26 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
     )
     check_inputs(config, path)  # seconds, before any long work
     if config.mode == "prepare":
-        from lsfa_jax.jobs.prepare import run_prepare
+        from lsfa_jax.jobs.run_prepare import run_prepare
 
         run_prepare(config, path)
     elif config.mode in ("train_eval", "eval"):
-        from lsfa_jax.jobs.evaluate import run_evaluation
+        from lsfa_jax.jobs.run_evaluation import run_evaluation
 
         run_evaluation(config, path)
     elif config.mode == "test":
-        from lsfa_jax.jobs.test import run_test
+        from lsfa_jax.jobs.run_test import run_test
 
         run_test(config, path)
     elif config.mode == "predict":
-        from lsfa_jax.jobs.predict import run_predict
+        from lsfa_jax.jobs.run_predict import run_predict
 
         run_predict(config, path)
     elif config.mode == "export":
-        from lsfa_jax.jobs.export import run_export
+        from lsfa_jax.jobs.run_export import run_export
 
         run_export(config, path)
     else:
-        from lsfa_jax.jobs.convert import run_convert
+        from lsfa_jax.jobs.run_convert import run_convert
 
         run_convert(config, path)

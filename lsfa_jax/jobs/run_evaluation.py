@@ -23,6 +23,7 @@ from lsfa_jax.adaptation.checkpointing import load_adaptor_params
 from lsfa_jax.evaluators import banks as bank_eval
 from lsfa_jax.evaluators import class_eval, outputs
 from lsfa_jax.features.source import FeatureSource, feature_source
+from lsfa_jax.jobs.adaptor_training import train_lsfa
 from lsfa_jax.jobs.common import (
     ConfigError,
     bank_dtype,
@@ -30,7 +31,6 @@ from lsfa_jax.jobs.common import (
     prepared_dataset,
     selected_classes,
 )
-from lsfa_jax.jobs.train import train_lsfa
 from lsfa_jax.mesh import make_mesh
 from lsfa_jax.model_folder import (
     MODEL_FILE,
