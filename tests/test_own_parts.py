@@ -170,7 +170,7 @@ def _moved_model(workdir: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("method", ["fpfh", "lsfa"])
 def test_saved_model_moved_then_tested_and_predicted_gives_the_run_numbers(
-    parts: Path, tmp_path: Path, method: str
+    parts: Path, tmp_path: Path, method: str, capsys: pytest.CaptureFixture
 ) -> None:
     config = _folder_run(parts, method, "my_part")
     trained = tmp_path / "train"
@@ -187,8 +187,11 @@ def test_saved_model_moved_then_tested_and_predicted_gives_the_run_numbers(
     test_config = folder_config()
     test_config.update(mode="test", checkpoint=str(moved), data_dir=str(parts))
     tested = tmp_path / "test"
+    capsys.readouterr()
     run_job(test_config, tested)
     assert _scores(tested, "my_part") == first
+    # The method comes from the model folder, so the run's first line names the model.
+    assert capsys.readouterr().out.startswith(f"test, model {moved}, folder: output in")
     for name in ("results.json", "thresholds.json", "per_defect.json"):
         assert (tested / "results" / name).read_text() == (trained / "results" / name).read_text()
     assert (tested / "plots" / "my_part_roc.png").is_file()

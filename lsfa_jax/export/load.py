@@ -117,7 +117,11 @@ class OnnxProgram:
         path = self.folder / ONNX_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found")
-        self.session = onnxruntime.InferenceSession(str(path), providers=list(providers))
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: its graph-cleanup warnings are noise
+        self.session = onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=list(providers)
+        )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:

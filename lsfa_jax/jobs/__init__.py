@@ -18,12 +18,14 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
 
     validate(config)
     path = prepare_workdir(workdir)
+    # test / predict / export take the method from the model folder, not from the config.
+    what = (
+        f"model {config.checkpoint}"
+        if config.mode in ("test", "predict", "export")
+        else f"method {config.method}"
+    )
     console.stage(
-        "%s, method %s, %s: output in %s (log: run.log)",
-        config.mode,
-        config.method,
-        config.data.name,
-        path,
+        "%s, %s, %s: output in %s (log: run.log)", config.mode, what, config.data.name, path
     )
     check_inputs(config, path)  # seconds, before any long work
     if config.mode == "prepare":

@@ -103,5 +103,12 @@ def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pa
             f"{n} {len(b) / 2**20:.1f} MiB" for n, b in files.items() if len(b) > 2**20
         )
         logging.info("export %s: %s (%s); parity %s", class_name, target, sizes, parity)
-        print(f"{class_name}: {target}  parity {json.dumps(parity)}")
+        worst = {kind: max(errors.values()) for kind, errors in parity.items()}
+        print(
+            f"{class_name}: {target}; largest relative difference from in-process predict: "
+            + ", ".join(
+                f"{kind} {value:.1e} (<= {artifacts.TOLERANCES[kind]:.0e})"
+                for kind, value in worst.items()
+            )
+        )
     return written
