@@ -23,7 +23,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,38 +91,20 @@ def stages(batch: int, repeats: int) -> None:
 
 
 def synthetic() -> None:
-    from configs import synthetic as synthetic_config
     from lsfa_jax.features.source import feature_source
     from lsfa_jax.jobs import run_evaluation
     from lsfa_jax.jobs.common import cache_dir, prepared_dataset
+    from tests.helpers.tiny import raw_evaluation_config
 
     results, features = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in POLICIES:
-            config = synthetic_config.get_config()
-            config.method = "raw"
-            config.allow_random_init = True
-            config.precision = policy
-            config.data_dir = str(Path(tmp) / "raw")
-            config.cache_dir = str(Path(tmp) / "cache")
-            config.data.preprocess = False
-            config.data.num_workers = 1
-            config.data.image_size = 64
-            config.data.synthetic.update(
-                dict(
-                    classes=("sphere_cap", "torus"),
-                    image_size=64,
-                    num_train=6,
-                    num_validation=3,
-                    num_test_good=4,
-                    num_test_per_defect=2,
-                )
-            )
-            config.rgb_backbone = ml_collections.ConfigDict(
-                dict(patch_size=8, embed_dim=96, depth=2, num_heads=4, mlp_ratio=4)
-            )
-            config.point_backbone = ml_collections.ConfigDict(
-                dict(
+            config = raw_evaluation_config(
+                Path(tmp) / "raw",
+                image_size=64,
+                counts=(6, 3, 4, 2),
+                rgb_backbone=dict(patch_size=8, embed_dim=96, depth=2, num_heads=4, mlp_ratio=4),
+                point_backbone=dict(
                     num_group=64,
                     group_size=32,
                     trans_dim=96,
@@ -131,12 +112,13 @@ def synthetic() -> None:
                     num_heads=4,
                     mlp_ratio=4,
                     out_layers=(1, 3),
-                )
+                ),
+                grid_size=16,
+                batch_size=4,
             )
-            config.grid_size = 16
-            config.batch_size = 4
-            config.report.num_overlays = 0
-            config.report.plots = False
+            config.allow_random_init = True
+            config.precision = policy
+            config.cache_dir = str(Path(tmp) / "cache")
             workdir = Path(tmp) / policy
             results[policy] = run_evaluation.run_evaluation(config, workdir)
             prepared = prepared_dataset(config, workdir)

@@ -53,8 +53,18 @@ def tiny_synthetic(config: ml_collections.ConfigDict, classes: tuple[str, ...]) 
     )
 
 
-def tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
-    """Method raw on two 32 px synthetic classes with 16-channel depth-1 backbones."""
+def raw_evaluation_config(
+    data_dir: Path,
+    *,
+    image_size: int,
+    counts: tuple[int, int, int, int],
+    rgb_backbone: dict,
+    point_backbone: dict,
+    grid_size: int,
+    batch_size: int,
+) -> ml_collections.ConfigDict:
+    """Method raw on the synthetic classes sphere_cap and torus, small random backbones, no
+    overlays or plots. `counts`: (train, validation, test good, test per defect) samples."""
     from configs import synthetic as synthetic_config
 
     config = synthetic_config.get_config()
@@ -62,25 +72,38 @@ def tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
     config.data_dir = str(data_dir)
     config.data.preprocess = False
     config.data.num_workers = 1
-    config.data.image_size = 32
+    config.data.image_size = image_size
+    num_train, num_validation, num_test_good, num_test_per_defect = counts
     config.data.synthetic.update(
         dict(
             classes=("sphere_cap", "torus"),
-            image_size=32,
-            num_train=3,
-            num_validation=2,
-            num_test_good=2,
-            num_test_per_defect=1,
+            image_size=image_size,
+            num_train=num_train,
+            num_validation=num_validation,
+            num_test_good=num_test_good,
+            num_test_per_defect=num_test_per_defect,
         )
     )
-    config.rgb_backbone = ml_collections.ConfigDict(
-        dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2)
-    )
-    config.point_backbone = ml_collections.ConfigDict(TINY_POINT_BACKBONE)
-    config.grid_size = 8  # 32 px / patch 8 = 4 tokens, replicated 2x -> 8x8, as the point grid
-    config.batch_size = 2  # splits of 3 and 5 samples: the last batch is padded
-    config.patchcore.coreset_ratio = 0.25
-    config.patchcore.rgb_coreset_ratio = 0.25
+    config.rgb_backbone = ml_collections.ConfigDict(rgb_backbone)
+    config.point_backbone = ml_collections.ConfigDict(point_backbone)
+    config.grid_size = grid_size
+    config.batch_size = batch_size
     config.report.num_overlays = 0
     config.report.plots = False
+    return config
+
+
+def tiny_evaluation_config(data_dir: Path) -> ml_collections.ConfigDict:
+    """Method raw on two 32 px synthetic classes with 16-channel depth-1 backbones."""
+    config = raw_evaluation_config(
+        data_dir,
+        image_size=32,
+        counts=(3, 2, 2, 1),
+        rgb_backbone=dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2),
+        point_backbone=TINY_POINT_BACKBONE,
+        grid_size=8,  # 32 px / patch 8 = 4 tokens, replicated 2x -> 8x8, as the point grid
+        batch_size=2,  # splits of 3 and 5 samples: the last batch is padded
+    )
+    config.patchcore.coreset_ratio = 0.25
+    config.patchcore.rgb_coreset_ratio = 0.25
     return config
