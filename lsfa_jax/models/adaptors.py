@@ -39,6 +39,7 @@ from lsfa_jax.models.transformer import DenseLayers, EncoderBlock
 from lsfa_jax.precision import PINNED, policy
 
 STRUCTURES = ("encoder1", "encoder2", "linear", "conv1x1")
+LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, which the reference adaptors use
 
 
 def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
@@ -58,7 +59,6 @@ class Adaptor(nn.Module):
     structure: str = "encoder1"
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    ln_eps: float = 1e-5
     dtype: Any = None
     attn_query_chunk: int | None = 1024
     precision: jax.lax.Precision = PINNED
@@ -73,7 +73,7 @@ class Adaptor(nn.Module):
                 self.num_heads,
                 self.mlp_ratio,
                 qkv_bias=False,
-                ln_eps=self.ln_eps,
+                ln_eps=LN_EPS,
                 dtype=self.dtype,
                 precision=self.precision,
                 dense_init=torch_uniform_init,
@@ -120,9 +120,7 @@ class LSFAModel(nn.Module):
     rgb_heads: int = 12
     xyz_heads: int = 12
     mlp_ratio: float = 4.0
-    ln_eps: float = 1e-5
     dtype: Any = None
-    attn_query_chunk: int | None = 1024
     precision: jax.lax.Precision = PINNED
 
     def setup(self) -> None:
@@ -130,9 +128,7 @@ class LSFAModel(nn.Module):
             Adaptor,
             structure=self.structure,
             mlp_ratio=self.mlp_ratio,
-            ln_eps=self.ln_eps,
             dtype=self.dtype,
-            attn_query_chunk=self.attn_query_chunk,
             precision=self.precision,
         )
         self.rgb_mlp = adaptor(self.rgb_dim, num_heads=self.rgb_heads)
