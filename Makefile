@@ -27,7 +27,7 @@ test: $(STAMP)
 	bash scripts/install_browser.sh
 	$(PY) -m pytest -q tests
 
-# The edit loop: everything but the end-to-end tests marked slow. CI runs `make test`.
+# The edit loop (under 2 minutes): every test not marked slow. CI runs `make test`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

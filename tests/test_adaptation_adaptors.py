@@ -77,6 +77,7 @@ def random_ln(params, rng):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim,heads", [(24, 4), (36, 3)])
 def test_encoder_block_matches_torch_reference(dim, heads):
     rng = np.random.default_rng(0)
@@ -100,6 +101,7 @@ def test_encoder_block_matches_torch_reference(dim, heads):
     np.testing.assert_allclose(np.asarray(proj), want_proj, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_query_chunked_attention_equals_full_with_gradients():
     x = np.random.default_rng(7).normal(size=(2, 11, 8)).astype(np.float32)
     full = Adaptor(8, num_heads=2, attn_query_chunk=None)
@@ -113,6 +115,7 @@ def test_query_chunked_attention_equals_full_with_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_default_init_bounds_and_not_identity():
     model = LSFAModel(rgb_dim=64, xyz_dim=96, proj_dim=32, rgb_heads=4, xyz_heads=4)
     params = init_lsfa_params(model, jax.random.PRNGKey(1), 4)
@@ -175,6 +178,7 @@ def test_bad_inputs_raise():
         Adaptor(8).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 6)))
 
 
+@pytest.mark.slow
 def test_apply_adaptors_cls_flag():
     rng = np.random.default_rng(5)
     model = LSFAModel(rgb_dim=8, xyz_dim=12, proj_dim=4, rgb_heads=2, xyz_heads=2)
@@ -195,6 +199,7 @@ def test_apply_adaptors_cls_flag():
         apply_adaptors(params, rgb, xyz, prepend_cls=True, rgb_heads=2, xyz_heads=2)
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_close_to_fp32_and_keeps_fp32_params():
     rng = np.random.default_rng(8)
     kw = dict(rgb_dim=16, xyz_dim=24, proj_dim=8, rgb_heads=2, xyz_heads=2)

@@ -32,6 +32,7 @@ def blobs(rng, P=60, C=3, centers=4):
     return (mu[rng.integers(0, centers, P)] + rng.normal(size=(P, C))).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kmeans_matches_numpy_lloyd_with_same_init(seed):
     rng = np.random.default_rng(seed)
@@ -70,6 +71,7 @@ def test_kmeans_fewer_valid_rows_than_clusters_is_finite():
     assert set(np.asarray(a)[mask]) <= set(range(4))
 
 
+@pytest.mark.slow
 def test_global_feature_largest_cluster_and_masked_mean():
     rng = np.random.default_rng(3)
     big = rng.normal(size=(30, 2)) * 0.1 + np.array([5.0, 5.0])

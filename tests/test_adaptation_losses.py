@@ -65,6 +65,7 @@ def test_clc_local_is_asymmetric_parts_averaged():
     np.testing.assert_allclose(float(got), np_symmetric(a, b, 0.5), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_clc_local_chunked_gradient_equals_unchunked():
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(2, 9, 4)), jnp.float32)
@@ -126,6 +127,7 @@ def np_ifc_local(x, mask, bank: Bank, ids, capped=False):
     return np.array(per)[ok].mean() if ok.any() else 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capped", [False, True])
 @pytest.mark.parametrize("chunk", [3, 100])
 def test_ifc_local_matches_brute_force(capped, chunk):
@@ -142,6 +144,7 @@ def test_ifc_local_matches_brute_force(capped, chunk):
         assert abs(want - np_ifc_local(x, mask, bank, ids, False)) > 1e-3
 
 
+@pytest.mark.slow
 def test_ifc_ignores_unfilled_slots():
     # Empty slots hold zeros; a query at the origin must not match them.
     bank = init_bank(1, 8, 2)
@@ -151,6 +154,7 @@ def test_ifc_ignores_unfilled_slots():
     np.testing.assert_allclose(float(got), 5.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ifc_global_matches_brute_force_and_gradient():
     rng = np.random.default_rng(5)
     bank = filled_bank(rng, 2, 5, 3, counts=[4, 2])
@@ -202,6 +206,7 @@ def tiny_setup(seed=0, B=4, P=9):
     return model, params, batch, banks
 
 
+@pytest.mark.slow
 def test_lsfa_loss_combines_terms_with_weights_and_gates_ifc():
     model, params, batch, banks = tiny_setup()
     cfg = loss_config(
@@ -237,6 +242,7 @@ def test_lsfa_loss_combines_terms_with_weights_and_gates_ifc():
     assert float(aux_part["terms"]["ifc_eligible"]) == 2.0
 
 
+@pytest.mark.slow
 def test_lsfa_loss_gradients_reach_all_params_and_not_inputs():
     model, params, batch, banks = tiny_setup(1)
     before = {k: (None if v is None else np.array(v, copy=True)) for k, v in batch.items()}

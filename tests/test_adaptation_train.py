@@ -94,6 +94,7 @@ def full_run(tmp_path_factory):
     return workdir, state
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(full_run):
     tmp_path, state = full_run
     cfg = tiny_config(**TRAIN_CFG)
@@ -159,6 +160,7 @@ def test_resume_after_interruption_equals_uninterrupted(full_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_a_mean_update():
     cfg = tiny_config(accum_steps=2, warmup_steps=0, lr=1e-2)
     params = {"w": jnp.array([1.0, -2.0, 3.0])}

@@ -58,6 +58,7 @@ def test_map_in_chunks_equals_numpy_and_scans_the_full_chunks(chunk) -> None:
     assert lengths == ([] if chunk is None or chunk >= 10 else [10 // chunk])
 
 
+@pytest.mark.slow
 def test_map_in_chunks_remat_keeps_values_and_gradients() -> None:
     x = jnp.asarray(np.random.default_rng(2).normal(size=(9, 3)), jnp.float32)
     loss = lambda chunk, remat: (

@@ -74,6 +74,7 @@ def test_batches_carry_the_rotated_features_of_their_samples():
     assert "rgb_rot" not in next(iter(make_batches_fn({"a": a, "b": b}, pairs, 4, seed=0)(0)))
 
 
+@pytest.mark.slow
 def test_rotated_features_are_dino_features_of_the_block_rotated_images(tmp_path):
     cfg = vit.vit_config(
         dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2, img_size=32)

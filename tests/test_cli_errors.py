@@ -78,17 +78,20 @@ def first(root: Path, split: str, kind: str, modality: str, suffix: str) -> Path
     return sorted((root / "bagel" / split / kind / modality).glob(f"*{suffix}"))[0]
 
 
+@pytest.mark.slow
 def test_wrong_data_dir(tmp_path: Path) -> None:
     code, out, _ = run_main(*data_args(tmp_path / "nowhere", tmp_path / "w"), cwd=tmp_path)
     assert_user_error(code, out, str(tmp_path / "nowhere"), "config.data_dir")
 
 
+@pytest.mark.slow
 def test_unknown_class(bagel_root: Path, tmp_path: Path) -> None:
     args = data_args(bagel_root, tmp_path / "w", "--config.data.classes=bagle")
     code, out, _ = run_main(*args, cwd=tmp_path)
     assert_user_error(code, out, "config.data.classes", "bagle")
 
 
+@pytest.mark.slow
 def test_rgb_without_xyz(bagel_root: Path, tmp_path: Path) -> None:
     tiff = first(bagel_root, "train", "good", "xyz", ".tiff")
     tiff.unlink()
@@ -97,6 +100,7 @@ def test_rgb_without_xyz(bagel_root: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "w" / "cache").exists()  # found by the early checks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_corrupt_png_is_named_once(bagel_root: Path, tmp_path: Path, workers: int) -> None:
     png = first(bagel_root, "test", "good", "rgb", ".png")
@@ -107,6 +111,7 @@ def test_corrupt_png_is_named_once(bagel_root: Path, tmp_path: Path, workers: in
     assert out.count(str(png)) == 1, out  # one message, also from worker processes
 
 
+@pytest.mark.slow
 def test_tiff_of_wrong_shape(bagel_root: Path, tmp_path: Path) -> None:
     tiff = first(bagel_root, "validation", "good", "xyz", ".tiff")
     tifffile.imwrite(tiff, np.zeros((8, 8), np.float32))
@@ -114,6 +119,7 @@ def test_tiff_of_wrong_shape(bagel_root: Path, tmp_path: Path) -> None:
     assert_user_error(code, out, str(tiff))
 
 
+@pytest.mark.slow
 def test_config_key_typo(tmp_path: Path) -> None:
     code, out, _ = run_main(SYNTHETIC, "--config.patchcore.coreset_ration=0.2", cwd=tmp_path)
     assert_user_error(code, out, "--config.patchcore.coreset_ration", "--config.mode=keys")
@@ -124,6 +130,7 @@ def test_config_wrong_type(tmp_path: Path) -> None:
     assert_user_error(code, out, "--config.batch_size", "eight")
 
 
+@pytest.mark.slow
 def test_unwritable_workdir(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -141,6 +148,7 @@ def weights_args(work: Path, weights: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_missing_weights_fail_fast(tmp_path: Path, bagel_root: Path) -> None:
     args = weights_args(tmp_path / "w", tmp_path / "dino.pth")
     args[3] = f"--config.data_dir={bagel_root}"
@@ -149,6 +157,7 @@ def test_missing_weights_fail_fast(tmp_path: Path, bagel_root: Path) -> None:
     assert seconds < 10, seconds
 
 
+@pytest.mark.slow
 def test_text_file_as_weights(tmp_path: Path, bagel_root: Path) -> None:
     text = tmp_path / "dino.pth"
     text.write_text("not a checkpoint\n")
@@ -158,6 +167,7 @@ def test_text_file_as_weights(tmp_path: Path, bagel_root: Path) -> None:
     assert_user_error(code, out, str(text), "not a PyTorch zip checkpoint")
 
 
+@pytest.mark.slow
 def test_model_folder_of_the_wrong_kind(tmp_path: Path, bagel_root: Path) -> None:
     wrong = tmp_path / "adaptation" / "checkpoints"  # the adaptor folder, not `model`
     wrong.mkdir(parents=True)
@@ -173,6 +183,7 @@ def test_model_folder_of_the_wrong_kind(tmp_path: Path, bagel_root: Path) -> Non
     assert_user_error(code, out, str(wrong), "model.json")
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     code, out, _ = run_main(
         *data_args(tmp_path / "nowhere", tmp_path / "w"), cwd=tmp_path, env={"LSFA_DEBUG": "1"}
@@ -180,6 +191,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert code != 0 and "Traceback" in out and "DataError" in out
 
 
+@pytest.mark.slow
 def test_help_lists_modes_methods_and_variants(tmp_path: Path) -> None:
     code, out, _ = run_main("--help", cwd=tmp_path)
     assert code == 0
@@ -191,6 +203,7 @@ def test_help_lists_modes_methods_and_variants(tmp_path: Path) -> None:
     assert re.search(r"--config\.data\.image_size=224 +side of the square images", out), out
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(bagel_root: Path, tmp_path: Path) -> None:
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) during preparation
     with worker processes: one message, exit code 130, no traceback from any process."""

@@ -49,6 +49,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     return workdir, done.stdout, done.returncode
 
 
+@pytest.mark.slow
 def test_console_is_short_and_ends_with_the_table_and_the_report(demo_run) -> None:
     workdir, output, code = demo_run
     assert code == 0, output[-3000:]
@@ -126,6 +127,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_report_loads_in_a_headless_browser(demo_run, tmp_path: Path) -> None:
     workdir, output, code = demo_run
     assert code == 0, output[-3000:]

@@ -139,6 +139,7 @@ def test_cache_is_reused_and_keyed(synthetic_root, synthetic_config, tmp_path: P
     assert next(pipeline.make_batches(small, "torus", "test", 2))["xyz"].shape == (2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_pool_gives_the_same_data(prepared, synthetic_root, synthetic_config, tmp_path) -> None:
     cfg = _data_cfg(synthetic_root, synthetic_config, classes=("sphere_cap",), num_workers=2)
     pooled = prepare.prepare_dataset(cfg, tmp_path)

@@ -23,6 +23,7 @@ def real_result(real_sample):
     return preprocess.remove_support_plane(real_sample.xyz, real_sample.rgb, PARAMS, seed=0)
 
 
+@pytest.mark.slow
 def test_plane_is_removed_and_object_kept(real_sample, real_result) -> None:
     xyz, rgb, info = real_result
     assert info.skipped is None and info.num_border_points >= PARAMS.ransac_n
@@ -141,6 +142,7 @@ def _thread_limits() -> tuple[int, list[int]]:
     ]
 
 
+@pytest.mark.slow
 def test_pool_workers_are_single_threaded() -> None:
     # One level of parallelism: the pool's processes, each on one thread (Open3D, BLAS).
     with tfds_builders.make_pool(2) as pool:

@@ -56,6 +56,7 @@ def test_plane_points_share_a_peaked_histogram_and_bump_differs():
     assert gap > 5 * spread and gap > 10.0
 
 
+@pytest.mark.slow
 def test_patch_features_foreground_and_missing_pixels():
     cloud = plane_with_bump()
     patches, foreground = fpfh.fpfh_patch_features(cloud, name="synthetic")
@@ -98,6 +99,7 @@ def test_errors_name_the_sample():
         fpfh.fpfh_point_features(np.full((4, 3), np.nan, np.float32))
 
 
+@pytest.mark.slow
 def test_real_sample(mvtec_sample_root):
     path = mvtec_sample_root / "cable_gland/train/good/xyz/000.tiff"
     cloud = resize.resize_xyz(mvtec3d.read_xyz(path), 224)

@@ -19,6 +19,7 @@ from lsfa_jax.jobs.validate import validate
 from lsfa_jax.patchcore.bank import build_memory_bank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bank_round_trip_keeps_dtype_padding_and_bits(tmp_path: Path, dtype) -> None:
     library = np.random.default_rng(0).normal(size=(200, 12)).astype(np.float32)

@@ -171,6 +171,7 @@ def test_unbounded_clouds_fall_back_to_open3d_and_say_so() -> None:
     )
 
 
+@pytest.mark.slow
 def test_real_samples_match_open3d(mvtec_sample_root: Path) -> None:
     # train/good/003 has two clusters; test/cut/000 the widest window of the samples.
     params = preprocess.PlaneRemovalParams()

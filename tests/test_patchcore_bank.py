@@ -52,6 +52,7 @@ def test_normalise():
     np.testing.assert_array_equal(np.asarray(normalise(x, identity_stats())), x)
 
 
+@pytest.mark.slow
 def test_build_memory_bank_gathers_normalised_coreset_rows():
     rng = np.random.default_rng(2)
     library = (rng.normal(size=(500, 32)) * 2.0 + 1.0).astype(np.float32)
@@ -77,6 +78,7 @@ def test_build_memory_bank_gathers_normalised_coreset_rows():
     assert not bool(bank.valid[50:].any())
 
 
+@pytest.mark.slow
 def test_build_memory_bank_options():
     rng = np.random.default_rng(3)
     library = rng.normal(size=(100, 8)).astype(np.float32)

@@ -93,6 +93,7 @@ def test_greedy_ties_pick_lowest_index():
     np.testing.assert_array_equal(selected, numpy_greedy(z, 3))
 
 
+@pytest.mark.slow
 def test_greedy_coreset_with_projection_matches_numpy_on_projected():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(400, 64)).astype(np.float32)

@@ -26,6 +26,7 @@ def screened(queries, bank, valid, **kw):
     return np.asarray(dist), np.asarray(idx), int(failed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("n_bank", "bank_chunk", "group", "candidates"),
     [(512, 128, 8, 6), (512, 512, 16, 2), (384, 64, 4, 1), (64, 64, 8, 20)],
@@ -135,6 +136,7 @@ def test_search_index_chunked_equals_whole():
     assert np.all(np.isinf(np.asarray(whole.sq_norms))[~np.asarray(valid)])
 
 
+@pytest.mark.slow
 def test_score_batch_screened_equals_exact():
     rng = np.random.default_rng(11)
     dim, n_bank = 32, 512
@@ -227,6 +229,7 @@ def test_approximate_on_every_direction_is_proven_exact():
         knn.approximate_index(jnp.asarray(bank), jnp.asarray(valid), dim=25)
 
 
+@pytest.mark.slow
 def test_score_batch_approximate_on_low_rank_data_equals_exact():
     queries, bank_rows = low_rank_problem(n_bank=512, dim=32, rank=8)
     stats = FeatureStats(mean=jnp.zeros(()), std=jnp.ones(()))

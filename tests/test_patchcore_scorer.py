@@ -112,6 +112,7 @@ def test_nearest_neighbours_large_offsets_high_precision():
     np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reweight", [True, False])
 def test_image_score_matches_numpy(reweight):
     rng = np.random.default_rng(2)
@@ -187,6 +188,7 @@ def _bank(rng, rows, dim, pad):
     return MemoryBank(jnp.asarray(features), jnp.asarray(valid), stats), features, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reweight", [True, False])
 def test_score_batch_matches_numpy_pipeline(reweight):
     rng = np.random.default_rng(6)
@@ -246,6 +248,7 @@ def test_score_batch_patch_mask_and_pil():
         scorer.score_batch(bank, jnp.zeros((1, 16, 9)))
 
 
+@pytest.mark.slow
 def test_score_batch_is_jittable_once_per_shape():
     rng = np.random.default_rng(8)
     bank, _, _ = _bank(rng, 20, 8, 12)

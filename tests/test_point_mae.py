@@ -119,6 +119,7 @@ def test_fps_and_knn_ties_go_to_the_lower_index():
     np.testing.assert_array_equal(np.asarray(idx), knn_numpy(points, mask, points[fps], 27))
 
 
+@pytest.mark.slow
 def test_small_clouds_raise_or_repeat_centres():
     with pytest.raises(ValueError, match="sample7: only 5 valid points"):
         pm.check_cloud(5, num_group=4, group_size=8, name="sample7")
@@ -142,6 +143,7 @@ def test_small_clouds_raise_or_repeat_centres():
         )
 
 
+@pytest.mark.slow
 def test_interpolation_matches_brute_force():
     rng = np.random.default_rng(1)
     points = rng.normal(size=(300, 3)).astype(np.float32) * 0.05 + np.float32([0, 0, 0.65])
@@ -163,6 +165,7 @@ def test_interpolation_matches_brute_force():
     np.testing.assert_allclose(got[np.argmax(d2 == 0, axis=0)], features, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token_scale", [1.0, 1e-6])
 def test_encoder_from_point_mae_checkpoint_matches_torch(tmp_path, token_scale):
     cfg = SMALL_CFG
@@ -192,6 +195,7 @@ def test_encoder_from_point_mae_checkpoint_matches_torch(tmp_path, token_scale):
         np.testing.assert_allclose(got[:, j * c : (j + 1) * c], tap.numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_point_grid_matches_torch_pipeline(tmp_path):
     cfg = SMALL_CFG
     model = make_torch_model(cfg, seed=1)
@@ -215,6 +219,7 @@ def test_point_grid_matches_torch_pipeline(tmp_path):
     np.testing.assert_allclose(np.asarray(single), np.asarray(got[1]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_real_config_on_real_cloud_matches_torch_and_numpy_grouping(tmp_path):
     cloud = real_cloud()
     model = make_torch_model(REAL_CFG, seed=2)
@@ -266,6 +271,7 @@ def test_conversion_reports_every_problem_at_once(tmp_path):
         pm.point_mae_params_from_state_dict(bare, model_cfg=dict(cfg, depth=5), source="bare.npz")
 
 
+@pytest.mark.slow
 def test_orbax_round_trip_and_config_checks(tmp_path):
     variables = pm.init_random_point_mae_variables(jax.random.key(3), SMALL_CFG)
     checkpoint_io.save_orbax(variables, tmp_path / "point_mae")

@@ -129,6 +129,7 @@ def max_deviation(fn: Callable, *args) -> tuple[float, list[str]]:
     return max(float(np.max(np.abs(g - w))) for g, w in zip(got, want, strict=True)), rounded
 
 
+@pytest.mark.slow
 def test_emulation_rounds_unpinned_float32_dots_only() -> None:
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.normal(size=(16, 64)), jnp.float32) for _ in range(2))
@@ -191,6 +192,7 @@ def _point_grid(policy: str):
     return lambda c: body(variables, c), jnp.asarray(clouds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [32, 48])  # 48: the position embedding is resized
 def test_vit_is_unaffected_by_tf32_under_the_default_policy(size: int) -> None:
     fn, images = _vit_grid("highest", size)
@@ -203,6 +205,7 @@ def test_vit_is_unaffected_by_tf32_under_the_default_policy(size: int) -> None:
     assert len(rounded) == 1 + 6 * VIT.depth and deviation > 1e-4, (deviation, rounded)
 
 
+@pytest.mark.slow
 def test_point_mae_is_unaffected_by_tf32_under_the_default_policy() -> None:
     fn, clouds = _point_grid("highest")
     deviation, rounded = max_deviation(fn, clouds)
@@ -214,6 +217,7 @@ def test_point_mae_is_unaffected_by_tf32_under_the_default_policy() -> None:
     assert len(rounded) == 6 + 6 * POINT["depth"] and deviation > 1e-4, (deviation, rounded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("structure", ["encoder1", "linear", "conv1x1"])
 def test_adaptors_are_unaffected_by_tf32_under_the_default_policy(structure: str) -> None:
     fields = dict(rgb_dim=32, xyz_dim=48, proj_dim=8, structure=structure, rgb_heads=4)
@@ -231,6 +235,7 @@ def test_adaptors_are_unaffected_by_tf32_under_the_default_policy(structure: str
     assert deviations["tf32"][0] > 1e-4 and deviations["tf32"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", ["screened", "exact", "approximate"])
 def test_scorer_is_pinned_whatever_the_policy(search: str) -> None:
     """Bank search, reweighting and anomaly maps: no float32 dot is left to the device."""

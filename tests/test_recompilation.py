@@ -90,6 +90,7 @@ def _class_library(n_images: int, patches: int, dim: int, seed: int) -> np.ndarr
     return rng.normal(size=(n_images * patches, dim)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_scorer_compiles_once_for_two_classes() -> None:
     """Two classes with different library sizes, banks padded to one size as
     `evaluators/banks.py::bank_padded_size` does: scoring the second class compiles nothing."""
@@ -114,6 +115,7 @@ def test_scorer_compiles_once_for_two_classes() -> None:
     assert counts[1] == counts[0], f"second class compiled {log.since(counts[0])}"
 
 
+@pytest.mark.slow
 def test_extractors_compile_once_for_two_batches() -> None:
     """ViT and the Point-MAE branch on two batches whose clouds have different numbers of valid
     points (packing to a fixed size with a mask keeps the shapes static)."""
@@ -143,6 +145,7 @@ def test_extractors_compile_once_for_two_batches() -> None:
     assert counts[1] == counts[0], f"second batch compiled {log.since(counts[0])}"
 
 
+@pytest.mark.slow
 def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path) -> None:
     """Extraction of a 10-sample split in batches of 8 (the run's path: FeatureSource over
     `extract_batch`): the last batch of 2 is padded to 8, so neither backbone compiles again,
@@ -180,6 +183,7 @@ def test_split_of_ten_at_batch_eight_compiles_the_backbones_once(tmp_path: Path)
         np.testing.assert_array_equal(alone[name], features[name][8:])
 
 
+@pytest.mark.slow
 def test_run_evaluation_scores_the_second_class_without_compiling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -217,6 +221,7 @@ def test_run_evaluation_scores_the_second_class_without_compiling(
     assert sum(second.values()) == 0, f"scoring the second class compiled {dict(second)}"
 
 
+@pytest.mark.slow
 def test_adaptors_apply_compiles_once_for_splits_of_different_sizes() -> None:
     """Adapted features of two splits whose sizes leave different remainders modulo the batch
     size (4 and 3 samples, batch 2): the second split must reuse the first one's executable."""

@@ -63,6 +63,7 @@ def test_attention_einsums_carry_the_policy_precision(name: str, query_chunk) ->
         assert found == [want] * len(found)
 
 
+@pytest.mark.slow
 def test_encoder_block_names_and_shapes() -> None:
     x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 12)), jnp.float32)  # no batch axis
     block = EncoderBlock(num_heads=3, mlp_ratio=2.0, qkv_bias=False)

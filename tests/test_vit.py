@@ -42,6 +42,7 @@ def small_pth(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.slow
 def test_param_names_mirror_torch(small_pth):
     _, path = small_pth
     params = vit.load_vit_params(path, SMALL)
@@ -161,6 +162,7 @@ def test_conversion_errors_list_everything_at_once():
         assert part in msg
 
 
+@pytest.mark.slow
 def test_vit_b8_at_224_matches_torch(tmp_path):
     cfg = vit.ViTConfig()
     model = torch_model(cfg)
