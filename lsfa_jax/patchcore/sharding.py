@@ -55,12 +55,18 @@ class ShardedSearchError(UserError, ValueError):
 
 
 def shard_size(n_rows: int, n_devices: int, bank_chunk: int = BANK_CHUNK) -> int:
-    """Rows R per device of a bank of n_rows over n_devices: at least ceil(n_rows / n_devices),
-    a multiple of the screen's group of 8 rows and, above one bank_chunk, of bank_chunk, so
-    that the screened search runs on every shard in steps of min(bank_chunk, R) rows."""
+    """Rows R per device of a bank of n_rows over n_devices: ceil(n_rows / n_devices) rounded
+    up to c scan steps of equal size, c = the fewest steps of at most bank_chunk rows, each a
+    multiple of the screen's group of 8 rows (`_scan_chunk`), so the screened search runs on
+    every shard and the padding stays below 8 c rows per device."""
     rows = -(-n_rows // n_devices)
-    multiple = bank_chunk if rows > bank_chunk else SCREEN_GROUP
-    return -(-rows // multiple) * multiple
+    steps = -(-rows // bank_chunk)
+    return steps * (-(-rows // (steps * SCREEN_GROUP)) * SCREEN_GROUP)
+
+
+def _scan_chunk(rows_per_shard: int, bank_chunk: int) -> int:
+    """Rows per scan step of a shard of `shard_size` rows: its c equal steps."""
+    return rows_per_shard // -(-rows_per_shard // bank_chunk)
 
 
 def _bank_specs(bank: MemoryBank) -> MemoryBank:
@@ -127,7 +133,7 @@ def _nearest(
     every device -> distances (Q,) float32 computed from the differences (inf where no row is
     valid) and global rows (Q,) int32 (-1 there)."""
     per_shard = bank.features.shape[0]
-    chunk = min(bank_chunk, per_shard)
+    chunk = _scan_chunk(per_shard, bank_chunk)
     if search == "screened":
         dist, local, _ = screened_nearest_neighbour(
             queries,
@@ -156,9 +162,8 @@ def _nearest(
 def _k_nearest_rows(queries: jax.Array, bank: MemoryBank, k: int, bank_chunk: int) -> jax.Array:
     """Global rows (Q, k) int32 of the k nearest rows of the sharded bank, ascending, lowest
     row on ties (-1 where fewer than k are valid), for (Q, D) float32 queries."""
-    dist, local = nearest_neighbours(
-        queries, bank.features, bank.valid, k=k, bank_chunk=min(bank_chunk, bank.features.shape[0])
-    )
+    chunk = _scan_chunk(bank.features.shape[0], bank_chunk)
+    dist, local = nearest_neighbours(queries, bank.features, bank.valid, k=k, bank_chunk=chunk)
     rows = _global_rows(local, bank.features.shape[0])
     dist = jax.lax.all_gather(dist, meshes.DATA, axis=1, tiled=True)  # (Q, d * k)
     rows = jax.lax.all_gather(rows, meshes.DATA, axis=1, tiled=True)
