@@ -41,6 +41,7 @@ QUICK_ARGS = {
     "train_step": ["--patches", "784", "--bank", "10000", "--classes", "2"],
     "backbones": ["--batches", "1", "--repeats", "1"],
     "point_mae": ["--repeats", "1"],
+    "sharded_bank": ["--rows", "20000", "--patches", "784", "--repeats", "1"],
 }
 FULL_ARGS = {
     "end_to_end": ["--repeats", "1"],
@@ -49,6 +50,7 @@ FULL_ARGS = {
     "train_step": [],
     "backbones": ["--batches", "1", "8", "--repeats", "2"],
     "point_mae": [],
+    "sharded_bank": [],
 }
 SCRIPTS = {name: f"benchmarks/bench_{name}.py" for name in FULL_ARGS}
 
@@ -305,6 +307,37 @@ def section_memory(run: dict) -> list[str]:
     return lines
 
 
+def section_sharded_bank(run: dict) -> list[str]:
+    records = [r for r in parse_results(run["output"]) if r["bench"] == "sharded_bank"]
+    if not records:
+        return []
+    first = records[0]
+    reference = {r["search"]: r for r in records if r["scorer"] == "unsharded"}
+    lines = [
+        f"Bank {first['bank_rows']} x {first['dim']} float32 split over host devices "
+        f"(`patchcore.shard_bank`), {first['batch']} images x {first['patches']} patches per "
+        "call. Host devices share this machine's cores: the figures show the cost of "
+        "sharding, not the speed-up of real devices.",
+        "",
+        "| devices | scorer | search | rows / device | s / image | "
+        "unsharded 1-device time / this | max score difference | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ref = reference.get(r["search"])
+        speed = ratio(ref["seconds_per_image"], r["seconds_per_image"]) if ref else "n/a"
+        worst = (
+            max(abs(a - b) for a, b in zip(r["scores"], ref["scores"], strict=True))
+            if ref
+            else float("nan")
+        )
+        lines.append(
+            f"| {r['devices']} | {r['scorer']} | {r['search']} | {r['rows_per_device']} | "
+            f"{r['seconds_per_image']:.2f} | {speed} | {worst:.1e} | {r['load_avg_1min']:.1f} |"
+        )
+    return lines
+
+
 def write_summary(out: Path, machine: dict, peak: dict, runs: dict, quick: bool) -> Path:
     lines = [
         f"# Benchmark summary ({'quick, reduced shapes' if quick else 'full shapes'})",
@@ -336,6 +369,7 @@ def write_summary(out: Path, machine: dict, peak: dict, runs: dict, quick: bool)
         ("RGB backbone: JAX vs torch", "backbones", section_backbones),
         ("Point branch: JAX vs torch", "point_mae", section_point_mae),
         ("LSFA adaptor training step", "train_step", section_train_step),
+        ("Sharded memory banks: scoring vs host devices", "sharded_bank", section_sharded_bank),
     ]
     for title, name, make in sections:
         run = runs[name]

@@ -205,6 +205,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             # directions of the bank with a float32 re-rank (distances can only come out high).
             search="screened",
             approximate_dim=128,
+            # Split each bank's rows over the devices of the run's mesh (each holds 1/d of them,
+            # for banks larger than one device's memory; coreset and scores as unsharded).
+            # Searches: screened | exact.
+            shard_bank=False,
             # > 0: build the banks from the first N training samples of a class (M3DM's fit
             # loop stops after 401); 0: all of them.
             max_train_samples=0,

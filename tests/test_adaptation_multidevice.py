@@ -5,14 +5,12 @@ The device count flag must be set before JAX initialises, so the runs happen in 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers.host_devices import run_on_host_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -61,19 +59,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    repo = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = dict(np.load(tmp_path / "out.npz"))
+    out = run_on_host_devices(SCRIPT, tmp_path, timeout=300)
     assert int(out["one_nshards"]) == 1 and int(out["four_nshards"]) == 4
     keys = [k[len("one") :] for k in out if k.startswith("one") and k != "one_nshards"]
     assert len(keys) > 20

@@ -4,16 +4,14 @@ a 4-device mesh in one subprocess (the device-count flag must be set before JAX 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.host_devices import run_on_host_devices
+
 pytestmark = pytest.mark.slow  # about 50 s of CPU: two meshes, every stage compiled on each
 
 SCRIPT = textwrap.dedent(
@@ -56,21 +54,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path) -> dict[str, np.ndarray]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return dict(np.load(tmp_path / "out.npz"))
-
-
 def _keys(out: dict[str, np.ndarray], run: str) -> list[str]:
     return [k[len(run) + 1 :] for k in out if k.startswith(f"{run}:")]
 
@@ -79,7 +62,7 @@ def test_stages_on_four_devices_match_one_device(tmp_path: Path) -> None:
     """Extraction, adaptors and scoring split over 4 devices == 1 device, bit for bit where
     each device sees as many rows as the single device did; at the run's batch of 6 (6 rows on
     one device, 2 on each of four) the features agree to <= 1e-6 of their scale."""
-    out = _run(tmp_path)
+    out = run_on_host_devices(SCRIPT, tmp_path)
     for key in ("features/rgb", "features/xyz", "features/fg", "adapted/rgb", "adapted/xyz"):
         assert out[f"one:{key}"].shape[0] == 10, key
     for key in ("scores/rgb", "scores/xyz", "maps/rgb", "maps/xyz"):

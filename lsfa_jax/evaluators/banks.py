@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from lsfa_jax.data.few_shot import few_shot_indices
 from lsfa_jax.patchcore.bank import MemoryBank, build_memory_bank, padded_bank_size
@@ -49,10 +50,13 @@ def build_class_banks(
     seed: int,
     eps: float,
     dtype: jnp.dtype,
+    mesh: Mesh | None = None,
 ) -> dict[str, MemoryBank]:
     """{modality: (N, P, C) training features} -> {modality: MemoryBank}.
 
-    The coreset's random projection is keyed by (seed, class name, modality).
+    The coreset's random projection is keyed by (seed, class name, modality). With `mesh`
+    (`patchcore.shard_bank`), the greedy coreset runs on the projected library split over its
+    devices, selecting the same rows.
     """
     banks = {}
     for modality, features in train.items():
@@ -66,5 +70,6 @@ def build_class_banks(
             padded_size=padded[modality],
             dtype=dtype,
             progress=True,
+            mesh=mesh,
         )
     return banks

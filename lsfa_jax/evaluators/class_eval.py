@@ -20,6 +20,7 @@ from lsfa_jax.model_folder import ClassModel, Thresholds
 from lsfa_jax.models.adaptors import AdaptorSettings, adapt_features
 from lsfa_jax.patchcore.bank import MemoryBank
 from lsfa_jax.patchcore.scorer import ScoringSettings, score_features
+from lsfa_jax.patchcore.sharding import score_features_sharded
 from lsfa_jax.reports import overlays
 
 SETTING_OF_MODALITY = {"rgb": "RGB", "xyz": "3D"}
@@ -122,12 +123,14 @@ def score_modalities(
     settings: ScoringSettings,
     what: str,
     mesh: Mesh | None = None,
+    shard_bank: bool = False,
 ) -> Outputs:
     """{modality: (N, P, C)} -> {modality: (scores, maps)} against each modality's bank,
-    split over `mesh` (default: every device)."""
+    split over `mesh` (default: every device): the batches, and with `shard_bank` the banks'
+    rows too (`patchcore.sharding`; the same scores)."""
+    score = score_features_sharded if shard_bank else score_features
     return {
-        m: score_features(banks[m], features[m], settings, f"{what}/{m}", mesh=mesh)
-        for m in sorted(banks)
+        m: score(banks[m], features[m], settings, f"{what}/{m}", mesh=mesh) for m in sorted(banks)
     }
 
 

@@ -156,14 +156,18 @@ def evaluate_one_class(
         seed=config.seed,
         eps=config.patchcore.projection_eps,
         dtype=bank_dtype(config),
+        mesh=mesh if config.patchcore.shard_bank else None,
     )
     for modality, bank in banks.items():
         save_bank(out / "model" / class_name / f"{modality}.npz", bank)
     scoring = ScoringSettings.from_config(config)
+    shard = bool(config.patchcore.shard_bank)
     validation = class_eval.score_modalities(
-        banks, arrays["validation"], scoring, f"{class_name} validation", mesh
+        banks, arrays["validation"], scoring, f"{class_name} validation", mesh, shard
     )
-    test = class_eval.score_modalities(banks, arrays["test"], scoring, f"{class_name} test", mesh)
+    test = class_eval.score_modalities(
+        banks, arrays["test"], scoring, f"{class_name} test", mesh, shard
+    )
     model = class_eval.calibrate_class(
         validation,
         fusion_method=config.fusion.method,

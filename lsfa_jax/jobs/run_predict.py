@@ -191,7 +191,9 @@ def run_predict(config: ml_collections.ConfigDict, workdir: Path) -> list[dict]:
         config_policy(run),
     )
     scoring = ScoringSettings.from_mapping(info.scoring)
-    per_modality = class_eval.score_modalities(banks, arrays, scoring, "scoring")
+    per_modality = class_eval.score_modalities(
+        banks, arrays, scoring, "scoring", shard_bank=config.patchcore.shard_bank
+    )
     settings = class_eval.setting_outputs(per_modality, stored.fusion)
     main = class_eval.FUSED if class_eval.FUSED in settings else "3D"
     threshold = stored.thresholds[main].image

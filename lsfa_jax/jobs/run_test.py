@@ -60,7 +60,9 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                 config_policy(run),
                 mesh,
             )
-            test = class_eval.score_modalities(banks, arrays, scoring, f"{class_name} test", mesh)
+            test = class_eval.score_modalities(
+                banks, arrays, scoring, f"{class_name} test", mesh, config.patchcore.shard_bank
+            )
             split = class_eval.read_labelled_split(prepared, class_name, features, run.batch_size)
             result = class_eval.test_class(model, test, split)
             outputs.write_class_outputs(

@@ -22,6 +22,7 @@ from lsfa_jax.model_folder import BANK_DTYPES
 from lsfa_jax.models.adaptors import STRUCTURES, AdaptorSettings
 from lsfa_jax.models.point_mae import BATCHNORMS, FPS_TIES
 from lsfa_jax.patchcore.scorer import BLURS, SEARCHES, ScoringSettings
+from lsfa_jax.patchcore.sharding import SHARDED_SEARCHES
 from lsfa_jax.precision import POLICIES
 
 MODES = ("prepare", "train_eval", "eval", "test", "predict", "convert", "export")
@@ -84,6 +85,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _lookup(config, key)
         if value is not None and not ok(value):
             raise ConfigError(f"config.{key}={value!r}: must be {rule}")
+    if _lookup(config, "patchcore.shard_bank") and config.patchcore.search not in SHARDED_SEARCHES:
+        raise ConfigError(
+            f"config.patchcore.search={config.patchcore.search!r}: with patchcore.shard_bank=True "
+            f"use one of {', '.join(SHARDED_SEARCHES)} (or patchcore.shard_bank=False)"
+        )
     for build in (
         lambda: LossConfig.from_config(config.adaptation),
         lambda: AdaptorSettings.from_mapping(config.adaptation),

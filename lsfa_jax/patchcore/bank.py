@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from lsfa_jax.patchcore.coreset import coreset_size, greedy_coreset
 from lsfa_jax.patchcore.knn import (
@@ -70,6 +71,7 @@ def build_memory_bank(
     dtype: jnp.dtype = jnp.float32,
     chunk: int = 16384,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> MemoryBank:
     """Library (N, D) -> MemoryBank: fit stats, normalise, greedy coreset, gather, pad.
 
@@ -87,6 +89,8 @@ def build_memory_bank(
       dtype: storage dtype of the bank rows (float32 or bfloat16).
       chunk: rows processed at a time when fitting stats and projecting.
       progress: tqdm bar over the greedy iterations.
+      mesh: run the greedy coreset on the projected library split over its devices (same
+        rows; `patchcore.shard_bank`).
     """
     n_rows = library.shape[0]
     stats = (
@@ -104,6 +108,7 @@ def build_memory_bank(
         stats=stats,
         chunk=chunk,
         progress=progress,
+        mesh=mesh,
     )
     rows = normalise(jnp.asarray(library[np.asarray(indices)]), stats)
     size = padded_size if padded_size is not None else padded_bank_size(n_select, pad_multiple)

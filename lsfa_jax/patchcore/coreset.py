@@ -16,8 +16,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
+from lsfa_jax import mesh as meshes
 from lsfa_jax.patchcore.normalisation import FeatureStats, normalise
 
 
@@ -131,32 +133,115 @@ def _greedy_steps(
     return jax.lax.fori_loop(start, stop, body, (min_dist, selected))
 
 
-def greedy_k_center(z: jax.Array, n_select: int, *, progress: bool = False) -> jax.Array:
+def _centred(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(N, k) points -> the points centred (the selection is translation invariant, and the
+    float32 expansion of the distances then loses little to cancellation) and their squared
+    norms (N,)."""
+    z = jnp.asarray(z, jnp.float32)
+    z = z - jnp.mean(z, axis=0)
+    return z, jnp.sum(jnp.square(z), axis=-1)
+
+
+def _sharded_steps(
+    z: jax.Array,
+    z_sq: jax.Array,
+    min_dist: jax.Array,
+    selected: jax.Array,
+    last: jax.Array,
+    last_sq: jax.Array,
+    start: jax.Array,
+    stop: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_greedy_steps` on one device's rows z (R, k) of the points: each iteration's argmax is
+    the largest of the devices' own, lowest global index on ties, and the winning device's row
+    (last (k,), last_sq ()) comes with it to every device for the next distances."""
+    per_shard = z.shape[0]
+    me = jax.lax.axis_index(meshes.DATA)
+
+    def body(i, carry):
+        min_dist, selected, last, last_sq = carry
+        cross = jnp.matmul(z, last, precision=jax.lax.Precision.HIGHEST)
+        dist = jnp.maximum(z_sq + last_sq - 2.0 * cross, 0.0)
+        min_dist = jnp.minimum(min_dist, dist)
+        local = jnp.argmax(min_dist).astype(jnp.int32)
+        # Devices hold consecutive rows, so the first device with the largest value holds the
+        # lowest global index among the ties, as the unsharded argmax.
+        values = jax.lax.all_gather(min_dist[local], meshes.DATA)
+        rows = jax.lax.all_gather(z[local], meshes.DATA)
+        norms = jax.lax.all_gather(z_sq[local], meshes.DATA)
+        locals_ = jax.lax.all_gather(local, meshes.DATA)
+        owner = jnp.argmax(values).astype(jnp.int32)
+        pick = owner * per_shard + locals_[owner]
+        min_dist = min_dist.at[local].set(jnp.where(owner == me, 0.0, min_dist[local]))
+        return min_dist, selected.at[i].set(pick), rows[owner], norms[owner]
+
+    return jax.lax.fori_loop(start, stop, body, (min_dist, selected, last, last_sq))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_greedy_steps(mesh: Mesh):
+    rows, same = PartitionSpec(meshes.DATA), PartitionSpec()
+    mapped = jax.shard_map(
+        _sharded_steps,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, same, same, same, same, same),
+        out_specs=(rows, same, same, same),
+        # The carry starts replicated and is updated from all-gathered values only.
+        check_vma=False,
+    )
+    return jax.jit(mapped, donate_argnums=(2, 3))
+
+
+def greedy_k_center(
+    z: jax.Array, n_select: int, *, progress: bool = False, mesh: Mesh | None = None
+) -> jax.Array:
     """k-center greedy on (N, k) float32 points, starting at index 0 -> (n_select,) int32.
 
     Each step adds the point farthest from the current selection (argmax of the running minimum
-    squared distance, lowest index on ties). The points are centred first (the selection is
-    translation invariant) so that the float32 expansion of the distances loses little to
-    cancellation. progress=True runs the loop in ~100 jitted blocks and shows a tqdm bar
-    between them; the selection is the same either way.
+    squared distance, lowest index on ties). The points are centred first (`_centred`).
+    progress=True runs the loop in ~100 jitted blocks and shows a tqdm bar between them; the
+    selection is the same either way. With `mesh`, the points are split by rows over its
+    devices (padded with rows that are never picked) and each iteration's argmax is a
+    reduction across them: the same selection, each device holding N / d points.
     """
     n_rows = z.shape[0]
     if not 1 <= n_select <= n_rows:
         raise ValueError(f"greedy_k_center: n_select must be in [1, {n_rows}], got {n_select}")
-    z = jnp.asarray(z, jnp.float32)
-    z = z - jnp.mean(z, axis=0)
-    z_sq = jnp.sum(jnp.square(z), axis=-1)
+    z, z_sq = _centred(z)
     min_dist = jnp.full((n_rows,), jnp.inf, jnp.float32).at[0].set(0.0)
     selected = jnp.zeros((n_select,), jnp.int32)
+    if mesh is None:
+        state = (min_dist, selected)
+
+        def steps(state, start, stop):
+            return _greedy_steps(z, z_sq, *state, start, stop)
+    else:
+        pad = -(-n_rows // mesh.size) * mesh.size - n_rows
+        # Padding rows start at -inf: the running minimum keeps them there, never the argmax.
+        sharded_z, sharded_sq, min_dist = meshes.shard_rows(
+            mesh,
+            (
+                np.pad(np.asarray(z), ((0, pad), (0, 0))),
+                np.pad(np.asarray(z_sq), (0, pad)),
+                np.pad(np.asarray(min_dist), (0, pad), constant_values=-np.inf),
+            ),
+        )
+        state = (min_dist, *meshes.replicate(mesh, (selected, z[0], z_sq[0])))
+        run = _sharded_greedy_steps(mesh)
+
+        def steps(state, start, stop):
+            return run(sharded_z, sharded_sq, *state, start, stop)
+
     block = max(1, -(-(n_select - 1) // 100)) if progress else max(1, n_select - 1)
     with tqdm(total=n_select - 1, desc="coreset", disable=not progress) as bar:
         for start in range(1, n_select, block):
             stop = min(start + block, n_select)
-            min_dist, selected = _greedy_steps(z, z_sq, min_dist, selected, start, stop)
+            state = steps(state, start, stop)
             if progress:
-                selected.block_until_ready()
+                state[1].block_until_ready()
                 bar.update(stop - start)
-    return selected
+    # The selection is replicated: any device's copy is all of it.
+    return state[1] if mesh is None else jnp.asarray(state[1].addressable_data(0))
 
 
 def greedy_coreset(
@@ -169,6 +254,7 @@ def greedy_coreset(
     stats: FeatureStats | None = None,
     chunk: int = 16384,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Indices of a greedy k-center coreset of a library.
 
@@ -183,6 +269,7 @@ def greedy_coreset(
       stats: if given, rows are normalised with it before projection.
       chunk: rows projected at a time.
       progress: show a tqdm bar over the greedy iterations.
+      mesh: split the projected rows over its devices (`greedy_k_center`); same indices.
 
     Returns:
       (n_select,) int32 indices into features, the first being 0.
@@ -199,4 +286,4 @@ def greedy_coreset(
         sparse_random_projection_matrix(key, dim, n_rows, eps, n_components=k) if k > 0 else None
     )
     z = project_features(features, projection, stats=stats, chunk=chunk)
-    return greedy_k_center(z, n_select, progress=progress)
+    return greedy_k_center(z, n_select, progress=progress, mesh=mesh)

@@ -72,7 +72,13 @@ def patchcore_image_score(
         m_star[None, :], bank, bank_valid, k=3, bank_chunk=bank_chunk
     )
     others = bank[neighbours[0, 1:]].astype(jnp.float32)
-    r = jnp.sqrt(jnp.sum(jnp.square(queries[worst].astype(jnp.float32) - others), axis=-1))
+    return reweighted_score(queries[worst], s_star, others, dim)
+
+
+def reweighted_score(query: jax.Array, s_star: jax.Array, others: jax.Array, dim: int) -> jax.Array:
+    """w * s* of `patchcore_image_score` from the worst patch's query (D,), its score s* () and
+    the two bank rows others (2, D) nearest to its nearest row m* (m* excluded) -> () float32."""
+    r = jnp.sqrt(jnp.sum(jnp.square(query.astype(jnp.float32) - others), axis=-1))
     scale = math.sqrt(dim)
     weight = 1.0 - jnp.exp(s_star / scale) / jnp.sum(jnp.exp(r / scale))
     return weight * s_star
