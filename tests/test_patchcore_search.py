@@ -110,8 +110,12 @@ def test_auto_gives_the_exact_scores_whichever_search_it_picks(
 
 
 def test_auto_times_the_searches_once_then_reuses_the_choice(tmp_path, monkeypatch) -> None:
-    """The one test that calibrates: it stores the fastest search, which later calls (and
-    processes) read back without timing anything."""
+    """The one test that calibrates (the real searches, on smaller shapes than a machine's
+    first run): it stores the fastest search, which later calls (and processes) read back
+    without timing anything."""
+    shapes = {search: [256, 8192] for search in ("screened", "exact", "faiss")}
+    small = {"dim": 64, "repeats": 1, "queries_rows": shapes}
+    monkeypatch.setattr(search_choice, "CALIBRATION", small)
     path = tmp_path / "lsfa_jax" / "knn_search.json"
     first = search_choice.choose_search(path)
     seconds = dict(first.seconds)
@@ -120,6 +124,7 @@ def test_auto_times_the_searches_once_then_reuses_the_choice(tmp_path, monkeypat
     assert first.search == min(seconds, key=seconds.__getitem__)
     entry = json.loads(path.read_text())["entries"][search_choice.machine_key()]
     assert entry["search"] == first.search and entry["seconds"] == seconds
+    assert entry["calibration"] == small
 
     def no_timing(*args, **kwargs):
         raise AssertionError("calibrated again")
