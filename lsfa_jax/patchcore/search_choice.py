@@ -51,7 +51,7 @@ CACHE_FORMAT = 1
 # pays a cost per call, which many queries amortise. Best of `repeats` after one warm-up.
 CALIBRATION = {
     "dim": 512,
-    "repeats": 2,
+    "repeats": 3,
     "queries_rows": {"screened": [1024, 65536], "exact": [1024, 65536], "faiss": [4096, 16384]},
 }
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
