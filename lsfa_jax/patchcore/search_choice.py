@@ -43,17 +43,19 @@ from lsfa_jax.patchcore import faiss_search, knn
 
 IN_GRAPH = ("screened", "exact")  # the candidates that run inside jit
 CACHE_FORMAT = 1
-# How the CPU candidates are timed: each on random rows of `dim` columns, `queries` x `rows` in
-# the shape the scorer gives it, all with the same work (2**26 query-row pairs: ~0.1-0.3 s per
-# search on 2 cores, where a real image against a 100k-row bank takes seconds). The in-graph
-# searches see one image's patches at a time and pay a fixed cost per query (the screen's
-# float32 re-rank of 48 rows, its exact redo of up to 64 queries), which only a large bank
-# amortises as the real xyz banks (60k-113k rows) do; faiss sees a batch's patches at once and
-# pays a cost per call, which many queries amortise. Best of `repeats` after one warm-up.
+# How the CPU candidates are timed: each on random rows of `dim` columns (the xyz features'),
+# `queries` x `rows` in the shape the scorer gives it, all with the same work (2**25
+# query-row pairs, a third of one image against a 100k-row bank). Every search also pays a
+# cost per distance besides the dot product (faiss's and XLA's argmin passes, the screen's
+# bounds), so `dim` must be the real one. The in-graph searches see one image's patches at a
+# time and pay a fixed cost per query (the screen's float32 re-rank of 48 rows, its exact
+# redo of up to 64 queries), which a large bank amortises as the real xyz banks (60k-113k
+# rows) do; faiss sees a batch's patches at once and pays a cost per call, which many queries
+# amortise. Best of `repeats` after one warm-up.
 CALIBRATION = {
-    "dim": 512,
+    "dim": 1152,
     "repeats": 3,
-    "queries_rows": {"screened": [1024, 65536], "exact": [1024, 65536], "faiss": [4096, 16384]},
+    "queries_rows": {"screened": [1024, 32768], "exact": [1024, 32768], "faiss": [4096, 8192]},
 }
 _ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -167,14 +169,16 @@ def calibrate(
     """Seconds of each search on random rows in its `calibration` shape (default and layout:
     `CALIBRATION`)."""
     calibration = CALIBRATION if calibration is None else calibration
+    shapes = {search: calibration["queries_rows"][search] for search in searches}
     rng = np.random.default_rng(0)
-    dim = calibration["dim"]
-    fns = {}
-    for search in searches:
-        n_queries, n_rows = calibration["queries_rows"][search]
-        bank = rng.standard_normal((n_rows, dim), dtype=np.float32)
-        queries = rng.standard_normal((n_queries, dim), dtype=np.float32) * np.float32(1.1)
-        fns[search] = _timed_search(search, queries, bank)
+    # One draw, sliced per search: drawing is a good part of the calibration's time.
+    rows = rng.standard_normal(
+        (max(r for _, r in shapes.values()), calibration["dim"]), dtype=np.float32
+    )
+    queries = rng.standard_normal(
+        (max(q for q, _ in shapes.values()), calibration["dim"]), dtype=np.float32
+    )
+    fns = {s: _timed_search(s, queries[:q], rows[:r]) for s, (q, r) in shapes.items()}
     return _best_times(fns, calibration["repeats"])
 
 
@@ -265,7 +269,7 @@ def choose_search(path: Path | None = None) -> SearchChoice:
         search,
         source,
         f"fastest exact search measured on {cpu_model()} ({_threads()} threads): "
-        f"{_summary(seconds)} for the same work, 2**26 query-row pairs of {CALIBRATION['dim']} "
+        f"{_summary(seconds)} for the same work, 2**25 query-row pairs of {CALIBRATION['dim']} "
         f"dims ({source}: {path}{when})",
         tuple(sorted(seconds.items())),
     )
