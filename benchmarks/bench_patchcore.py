@@ -1,9 +1,13 @@
 """PatchCore timings: jitted kNN vs faiss-cpu IndexFlatL2 vs numpy; greedy coreset vs numpy.
 
-The kNN rows: "jax screened" is the scorer's default search (bfloat16 screen certified in
-float32, `lsfa_jax.patchcore.knn.screened_nearest_neighbour`; its bank-side SearchIndex is built
-once per bank, like faiss's index.add, and timed separately); "jax exact" is the plain float32
-search (`nearest_neighbours`). Every method returns the float32 nearest row except "jax
+The kNN rows: "jax screened" is the bfloat16 screen certified in float32
+(`lsfa_jax.patchcore.knn.screened_nearest_neighbour`; its bank-side SearchIndex is built once per
+bank, like faiss's index.add, and timed separately); "jax exact" is the plain float32 search
+(`nearest_neighbours`); "search=faiss" is our faiss backend (`faiss_search`: IndexFlatL2 over
+the valid rows, the winner's distance recomputed in float32), "faiss IndexFlatL2" faiss alone;
+"auto -> X" is the scorer's default, `patchcore.search=auto`, which runs the search X it
+chose on this machine (`search_choice`: measured once per machine and cached; the line above
+the table says how it was chosen). Every method returns the float32 nearest row except "jax
 approximate" (opt-in: screen on the bank's top principal directions, float32 re-rank), whose
 "idx agree" column is its recall@1; on these random rows (a flat spectrum, the worst case) it
 is far lower than on real patch features.
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsfa_jax.patchcore import coreset, knn
+from lsfa_jax.patchcore import coreset, faiss_search, knn, search_choice
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple]:
@@ -119,8 +123,24 @@ def bench_knn(args: argparse.Namespace, rng: np.random.Generator) -> None:
     fns[f"jax approximate (r={args.approximate_dim})"] = lambda: jax.block_until_ready(
         knn.approximate_nearest_neighbour(queries_j, bank_j, approx_index, bank_chunk=chunk)[:2]
     )
+    ours = faiss_search.faiss_index(bank_j, valid)
+    fns["search=faiss (faiss_search)"] = lambda: jax.block_until_ready(
+        faiss_search.faiss_nearest_neighbour(queries, bank_j, ours)
+    )
     fns["faiss IndexFlatL2"] = lambda: index.search(queries, 1)
     fns["numpy"] = lambda: numpy_knn(queries, bank)
+    start = time.perf_counter()
+    choice = search_choice.resolve_search("auto")
+    print(
+        f"  auto -> {choice.search} ({choice.source}, {time.perf_counter() - start:.1f} s): "
+        f"{choice.reason}"
+    )
+    same = {
+        "screened": f"jax screened (chunk={chunk})",
+        "exact": "jax exact (bank_chunk=4096)",
+        "faiss": "search=faiss (faiss_search)",
+    }
+    fns[f"auto -> {choice.search}"] = fns[same[choice.search]]
     results = {}
     for name, (seconds, (dist, idx)) in best_times(fns, args.repeats).items():
         dist = np.sqrt(np.maximum(dist, 0.0)) if name.startswith("faiss") else np.asarray(dist)
@@ -217,7 +237,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=3136)
     parser.add_argument("--select", type=int, default=1000, help="greedy iterations timed")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bank-chunk", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument(
+        "--bank-chunk",
+        type=int,
+        nargs="+",
+        default=[2048, 4096],
+        help="exact search's; 4096 (the scorer's) must be among them",
+    )
     parser.add_argument("--approximate-dim", type=int, default=128)
     parser.add_argument("--recall-dims", type=int, nargs="+", default=[64, 128, 256])
     args = parser.parse_args()

@@ -154,6 +154,7 @@ def section_end_to_end(run: dict) -> list[str]:
 _KNN_HEAD = re.compile(r"kNN: bank \((\d+), (\d+)\), queries \((\d+), \d+\)")
 _KNN_ROW = re.compile(r"^\s+(.+?)\s+([\d.]+) s/image\s+(\d+) queries/s", re.M)
 _KNN_FAILED = re.compile(r"queries whose certificate failed.*")
+_KNN_AUTO = re.compile(r"^\s+auto -> (\w+) \((\w+), [\d.]+ s\): (.*)$", re.M)
 _CORESET_ROW = re.compile(r"^\s+(jax fori_loop|numpy loop)\s+([\d.]+) s\s+([\d.]+) ms/iter", re.M)
 _CORESET_HEAD = re.compile(r"coreset: library \((\d+), (\d+)\) -> projected \(\d+, (\d+)\)")
 
@@ -185,13 +186,23 @@ def section_knn(run: dict, peak: dict[str, float]) -> list[str]:
     ]
     for name, seconds in rows.items():
         gflops = flops / seconds / 1e9
-        of = bf16 if name.startswith("jax screened") and bf16 else best
+        screened = name.startswith("jax screened") or name == "auto -> screened"
+        of = bf16 if screened and bf16 else best
         lines.append(
             f"| {name} | {seconds:.3f} | {gflops:.0f} | {100 * gflops / of:.0f} % | "
             f"{ratio(faiss_s, seconds)} |"
         )
     if failed:
         lines += ["", f"Screened search: {failed.group(0).strip()}."]
+    auto = _KNN_AUTO.search(run["output"])
+    if auto and f"auto -> {auto.group(1)}" in rows:
+        chosen, source, reason = auto.groups()
+        lines += [
+            "",
+            f"**Default search (`patchcore.search=auto`, here {chosen}): "
+            f"{ratio(faiss_s, rows[f'auto -> {chosen}'])} faiss-cpu IndexFlatL2** in this run. "
+            f"Chosen ({source}): {reason}.",
+        ]
     return lines
 
 

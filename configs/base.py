@@ -200,10 +200,15 @@ def get_base_config() -> ml_collections.ConfigDict:
             blur="gaussian",  # gaussian (float, on device) | pil (the reference's 8-bit blur)
             blur_sigma=4.0,
             bank_dtype="float32",  # float32 | bfloat16: storage of the memory-bank rows
-            # screened: bfloat16 screen certified in float32 (exact, fastest); exact: plain
-            # float32 search; approximate: opt-in, screen on approximate_dim principal
-            # directions of the bank with a float32 re-rank (distances can only come out high).
-            search="screened",
+            # Nearest-neighbour search of the bank. auto: the fastest exact search of this
+            # machine (screened on GPU / TPU; on CPU the fastest of screened, exact and faiss,
+            # timed once per machine and cached in $XDG_CACHE_HOME/lsfa_jax/knn_search.json);
+            # screened: bfloat16 screen certified in float32 (exact; fast where bfloat16
+            # matmuls are: AMX, tensor cores); exact: plain float32 search; faiss: faiss-cpu's
+            # exact IndexFlatL2 on the host. All give the same nearest rows and scores.
+            # approximate: opt-in, screen on approximate_dim principal directions of the bank
+            # with a float32 re-rank (distances can only come out high).
+            search="auto",
             approximate_dim=128,
             # Split each bank's rows over the devices of the run's mesh (each holds 1/d of them,
             # for banks larger than one device's memory; coreset and scores as unsharded).

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lsfa_jax.data import synthetic
+from lsfa_jax.patchcore import search_choice
 
 MVTEC_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec3d_sample"
 
@@ -18,6 +19,19 @@ TINY_SYNTHETIC = synthetic.SyntheticConfig(
     num_test_per_defect=2,
     seed=0,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def knn_search_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """search=auto (the default) reads its choice from a seeded cache instead of timing the
+    searches in every test process (main.py runs inherit XDG_CACHE_HOME): screened, the search
+    the tests were written against. test_patchcore_search times them itself."""
+    cache_home = tmp_path_factory.mktemp("xdg_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache_home))
+        seconds = {s: 1.0 if s == "screened" else 2.0 for s in search_choice.candidates()}
+        search_choice.remember(search_choice.cache_file(), search_choice.machine_key(), seconds)
+        yield cache_home
 
 
 @pytest.fixture(scope="session")

@@ -199,7 +199,7 @@ def test_help_lists_modes_methods_and_variants(tmp_path: Path) -> None:
         assert word in out, word
     code, out, _ = run_main(SYNTHETIC, "--config.mode=keys", cwd=tmp_path)
     assert code == 0
-    assert "--config.patchcore.search='screened'" in out
+    assert "--config.patchcore.search='auto'" in out
     assert re.search(r"--config\.data\.image_size=224 +side of the square images", out), out
 
 

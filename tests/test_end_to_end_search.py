@@ -1,5 +1,5 @@
-"""Tiny raw-feature evaluations end to end with each nearest-neighbour search, and banks built
-from a capped number of training samples."""
+"""Tiny raw-feature evaluations end to end with each nearest-neighbour search (auto as it picks
+faiss), and banks built from a capped number of training samples."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from lsfa_jax import model_folder as model_store
 from lsfa_jax.jobs import run_evaluation, run_job
 from lsfa_jax.jobs.common import ConfigError
+from lsfa_jax.patchcore import search_choice
 from lsfa_jax.patchcore.coreset import coreset_size
 from tests.helpers.tiny import tiny_evaluation_config
 
@@ -32,6 +33,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config.cache_dir = str(root / "cache")
         config.patchcore.update(overrides)
         out[name] = (config, root / name, run_evaluation.run_evaluation(config, root / name))
+    with pytest.MonkeyPatch.context() as patch:
+        # auto as on a machine where faiss timed fastest: the host-side search, end to end.
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        seconds = {s: 1.0 if s == "faiss" else 2.0 for s in search_choice.candidates()}
+        search_choice.remember(search_choice.cache_file(), search_choice.machine_key(), seconds)
+        config = tiny_evaluation_config(root / "raw")
+        config.cache_dir = str(root / "cache")
+        assert config.patchcore.search == "auto"  # the default
+        out["auto"] = (config, root / "auto", run_evaluation.run_evaluation(config, root / "auto"))
     return out
 
 
@@ -61,6 +71,24 @@ def _assert_same_results(got: tuple, want: tuple) -> None:
 
 def test_screened_search_gives_the_exact_search_results(runs: dict) -> None:
     _assert_same_results(runs["screened"], runs["exact"])
+
+
+def test_auto_gives_the_exact_scores_and_the_manifest_says_what_ran(runs: dict) -> None:
+    """Every search auto can pick recomputes the winner's distance from the difference, so
+    faiss's scores equal the float32 search's to float32 rounding (not just 1e-3)."""
+    for name, ran in (("auto", "faiss"), ("exact", "exact")):
+        manifest = json.loads((runs[name][1] / "results" / "manifest.json").read_text())
+        record = manifest["extra"]["knn_search"]
+        assert (record["configured"], record["search"]) == (name, ran)
+        assert record["source"] == ("cache" if name == "auto" else "config")
+    for class_name in ("sphere_cap", "torus"):
+        got, want = (
+            json.loads((runs[n][1] / "scores" / f"{class_name}.json").read_text())
+            for n in ("auto", "exact")
+        )
+        for setting in ("RGB", "3D"):
+            np.testing.assert_allclose(got[setting], want[setting], rtol=1e-6, err_msg=setting)
+    assert runs["auto"][2] == runs["exact"][2]  # every metric
 
 
 def test_approximate_search_on_every_direction_gives_the_exact_results(runs: dict) -> None:

@@ -4,6 +4,7 @@ with clear messages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from lsfa_jax import model_folder
 from lsfa_jax.export import artifacts, load
 from lsfa_jax.jobs import run_job
 from lsfa_jax.jobs.common import ConfigError
+from lsfa_jax.patchcore.scorer import ScoringSettings
 from tests.helpers.tiny import shrink
 
 pytest.importorskip("jax2onnx")
@@ -115,6 +117,10 @@ def test_fresh_process_reproduces_the_expected_outputs(exported) -> None:
     assert signature["onnx_opset"] == artifacts.ONNX_OPSET
     names = {"lsfa": ["rgb", "xyz"], "fpfh": ["xyz_features"]}[method]
     assert [s["name"] for s in signature["inputs"]] == names
+    # Scored with search=auto (the default): the programs run auto's in-graph choice, said so.
+    searched = signature["knn_search"]
+    assert searched["model"] == "auto" and searched["program"] in ("screened", "exact")
+    assert f"search in the programs: {searched['program']}" in (folder / "README.txt").read_text()
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(folder)],
         capture_output=True,
@@ -220,3 +226,19 @@ def test_export_folder_is_replaced_whole(tmp_path: Path) -> None:
     artifacts.write_class_export(target, {"c": b"4"}, overwrite=True)
     assert [p.name for p in target.iterdir()] == ["c"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["box"]
+
+
+def test_a_faiss_model_exports_the_exact_search_and_says_so() -> None:
+    scoring = ScoringSettings(
+        out_size=32,
+        reweight=True,
+        blur="gaussian",
+        sigma=4.0,
+        search="faiss",
+        approximate_dim=128,
+        batch_size=2,
+    )
+    program, statement = artifacts.program_search(scoring)
+    assert program == dataclasses.replace(scoring, search="exact")
+    assert (statement["model"], statement["program"]) == ("faiss", "exact")
+    assert "cannot be exported" in statement["why"]

@@ -186,5 +186,9 @@ def test_validate_refuses_a_search_the_sharded_bank_lacks() -> None:
     config.patchcore.update(shard_bank=True, search="approximate")
     with pytest.raises(ConfigError, match=r"patchcore\.shard_bank"):
         validate(config)
-    config.patchcore.search = "screened"
-    validate(config)
+    config.patchcore.search = "faiss"  # on the host, over the whole bank: it cannot shard
+    with pytest.raises(ConfigError, match=r"patchcore\.shard_bank"):
+        validate(config)
+    for search in ("screened", "exact", "auto"):  # auto chooses among the in-graph searches
+        config.patchcore.search = search
+        validate(config)

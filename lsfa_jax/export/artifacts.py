@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from lsfa_jax.data import synthetic
 from lsfa_jax.data.pipeline import normalise_rgb as pipeline_normalise_rgb
@@ -37,6 +38,7 @@ from lsfa_jax.model_folder import ModelInfo, load_bank, load_class_model
 from lsfa_jax.models.adaptors import AdaptorSettings
 from lsfa_jax.patchcore.bank import with_search_index
 from lsfa_jax.patchcore.scorer import ScoringSettings
+from lsfa_jax.patchcore.search_choice import in_graph_search
 
 ONNX_OPSET = 17
 ONNX_BATCH = 1  # the ONNX graph's fixed batch size (`load.OnnxProgram` runs larger batches)
@@ -65,6 +67,19 @@ class ClassExport:
     adaptors: tuple[dict, AdaptorSettings] | None
     banks: dict
     fusion: Fusion | None
+    # The model's patchcore.search ("model"), the in-graph search the program runs for it
+    # ("program") and why ("why"); None: the program runs the model's own search.
+    knn_search: dict[str, str] | None = None
+
+
+def program_search(scoring: ScoringSettings) -> tuple[ScoringSettings, dict[str, str]]:
+    """The scoring settings of the exported program, and the statement of its search: faiss
+    runs on the host and cannot be part of a program, so faiss becomes exact, and auto the
+    in-graph search auto picks on this machine (exact where that is faiss); both give the same
+    nearest rows (`search_choice.in_graph_search`)."""
+    choice = in_graph_search(scoring.search)
+    statement = {"model": scoring.search, "program": choice.search, "why": choice.reason}
+    return dataclasses.replace(scoring, search=choice.search), statement
 
 
 def open_class(
@@ -77,7 +92,15 @@ def open_class(
 ) -> ClassExport:
     """The class's program and constants: backbones, adaptors, banks (with their search index),
     fusion."""
-    scoring = ScoringSettings.from_mapping(info.scoring)
+    scoring, knn_search = program_search(ScoringSettings.from_mapping(info.scoring))
+    if knn_search["model"] != knn_search["program"]:
+        logging.info(
+            "export %s: patchcore.search=%s runs as %s in the program: %s",
+            class_name,
+            knn_search["model"],
+            knn_search["program"],
+            knn_search["why"],
+        )
     stored = load_class_model(model_dir / class_name / "fusion.json")
     banks = {}
     for m in info.modalities:
@@ -103,7 +126,7 @@ def open_class(
         variables["point_backbone"] = source.backbones.point_variables
     if adaptors is not None:
         variables["adaptors"] = jax.tree.map(jnp.asarray, adaptors[0])
-    return ClassExport(program, variables, source, adaptors, banks, stored.fusion)
+    return ClassExport(program, variables, source, adaptors, banks, stored.fusion, knn_search)
 
 
 def example_inputs(export: ClassExport, run: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -227,6 +250,7 @@ def signature(export: ClassExport, outputs: Mapping[str, np.ndarray]) -> dict[st
             _spec_json(n, (None, *outputs[n].shape[1:]), outputs[n].dtype)
             for n in program.output_names()
         ],
+        "knn_search": export.knn_search or program_search(program.scoring)[1],
         "onnx_opset": ONNX_OPSET,
         "onnx_batch": ONNX_BATCH,
         "tolerances": {
@@ -311,6 +335,8 @@ Prepare them first with {sig["prepare"]}.
 Outputs:
 {outputs}
 {sig["verdict"]} (threshold {sig["threshold"]!r}, setting {sig["main_setting"]}).
+Nearest-neighbour search in the programs: {sig["knn_search"]["program"]} (the model's
+patchcore.search={sig["knn_search"]["model"]}; {sig["knn_search"]["why"]}).
 
 model.jaxexport  needs jax and numpy only (CPU or CUDA jaxlib; lowered for both):
     from load import load_program            # load.py of this folder

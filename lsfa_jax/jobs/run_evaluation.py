@@ -44,6 +44,7 @@ from lsfa_jax.model_folder import (
 )
 from lsfa_jax.models.adaptors import AdaptorSettings
 from lsfa_jax.patchcore.scorer import ScoringSettings
+from lsfa_jax.patchcore.search_choice import resolve_search
 from lsfa_jax.precision import config_policy
 from lsfa_jax.reports import tables
 from lsfa_jax.reports.manifest import RunManifest
@@ -235,6 +236,9 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         ]
         padded[modality] = bank_eval.bank_padded_size(rows, coreset_ratio(config, modality))
 
+    # What ran for patchcore.search (auto picks one per machine: the same scores, not the
+    # same time).
+    manifest.extra["knn_search"] = resolve_search(config.patchcore.search).to_dict()
     results = outputs.RunResults()
     for class_name in classes:
         console.stage(

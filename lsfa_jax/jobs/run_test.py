@@ -28,6 +28,7 @@ from lsfa_jax.jobs.common import (
 from lsfa_jax.mesh import make_mesh
 from lsfa_jax.model_folder import load_bank, load_class_model
 from lsfa_jax.patchcore.scorer import ScoringSettings
+from lsfa_jax.patchcore.search_choice import resolve_search
 from lsfa_jax.precision import config_policy
 from lsfa_jax.reports import tables
 from lsfa_jax.reports.manifest import RunManifest
@@ -45,6 +46,7 @@ def run_test(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     source = feature_source(run, prepared, cache_dir(run, workdir), mesh)
     adaptors = model_adaptors(model_dir, info)
     scoring = ScoringSettings.from_mapping(info.scoring)
+    manifest.extra["knn_search"] = resolve_search(scoring.search).to_dict()  # what ran here
     results = outputs.RunResults()
     for class_name in classes:
         console.stage("%s: scores, metrics, images -> %s", class_name, workdir / "images")

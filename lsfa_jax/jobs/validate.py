@@ -21,6 +21,7 @@ from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.model_folder import BANK_DTYPES
 from lsfa_jax.models.adaptors import STRUCTURES, AdaptorSettings
 from lsfa_jax.models.point_mae import BATCHNORMS, FPS_TIES
+from lsfa_jax.patchcore import faiss_search
 from lsfa_jax.patchcore.scorer import BLURS, SEARCHES, ScoringSettings
 from lsfa_jax.patchcore.sharding import SHARDED_SEARCHES
 from lsfa_jax.precision import POLICIES
@@ -85,11 +86,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _lookup(config, key)
         if value is not None and not ok(value):
             raise ConfigError(f"config.{key}={value!r}: must be {rule}")
-    if _lookup(config, "patchcore.shard_bank") and config.patchcore.search not in SHARDED_SEARCHES:
+    sharded_searches = (*SHARDED_SEARCHES, "auto")  # auto picks an in-graph search there
+    if _lookup(config, "patchcore.shard_bank") and config.patchcore.search not in sharded_searches:
         raise ConfigError(
             f"config.patchcore.search={config.patchcore.search!r}: with patchcore.shard_bank=True "
-            f"use one of {', '.join(SHARDED_SEARCHES)} (or patchcore.shard_bank=False)"
+            f"use one of {', '.join(sharded_searches)} (or patchcore.shard_bank=False)"
         )
+    if _lookup(config, "patchcore.search") == "faiss" and not faiss_search.available():
+        raise ConfigError(f"config.{faiss_search.MISSING}")
     for build in (
         lambda: LossConfig.from_config(config.adaptation),
         lambda: AdaptorSettings.from_mapping(config.adaptation),

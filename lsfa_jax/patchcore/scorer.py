@@ -1,8 +1,10 @@
 """PatchCore scoring: exact kNN against a memory bank, image scores and anomaly maps.
 
 Everything on the device path is jitted with static shapes. The searches themselves live in
-`knn`: the patches' nearest bank rows by the certified bfloat16 screen (default) or the plain
-float32 search; both give the float32 nearest row.
+`knn`: the patches' nearest bank rows by the certified bfloat16 screen or the plain float32
+search, or in `faiss_search` (faiss-cpu, on the host, before the jitted part); all give the
+float32 nearest row. The default, auto, is the fastest of them on the machine
+(`search_choice`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from PIL import Image, ImageFilter
 
 from lsfa_jax import mesh as meshes
 from lsfa_jax.batching import map_in_batches, padded_batch_size
+from lsfa_jax.patchcore import faiss_search
 from lsfa_jax.patchcore.bank import MemoryBank, with_search_index
 from lsfa_jax.patchcore.knn import (
     approximate_index,
@@ -30,9 +33,10 @@ from lsfa_jax.patchcore.knn import (
     search_index,
 )
 from lsfa_jax.patchcore.normalisation import normalise
+from lsfa_jax.patchcore.search_choice import resolve_search
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-SEARCHES = ("screened", "exact", "approximate")
+SEARCHES = ("auto", "screened", "exact", "faiss", "approximate")
 BLURS = ("gaussian", "pil", "none")
 
 
@@ -190,6 +194,7 @@ def _score_images(
     bank: MemoryBank,
     queries: jax.Array,
     patch_mask: jax.Array | None,
+    neighbours: jax.Array | None = None,
     *,
     out_size: int,
     reweight: bool,
@@ -203,6 +208,8 @@ def _score_images(
     if grid * grid != n_patches:
         raise ValueError(f"score_batch: {n_patches} patches do not form a square grid")
     mask = jnp.ones((batch, n_patches), bool) if patch_mask is None else patch_mask
+    if (search == "faiss") != (neighbours is not None):
+        raise ValueError("score_batch: the (B, P) neighbours are given for search='faiss' only")
     screen_chunk = _screen_chunk(bank.features.shape[0], bank_chunk)
     if search == "screened" and screen_chunk is not None:
         index = search_index(bank.features, bank.valid) if bank.index is None else bank.index
@@ -236,9 +243,10 @@ def _score_images(
             return dist[:, 0], idx[:, 0]
 
     def one_image(args):
-        features, foreground = args
+        features, foreground, given = args
         features = normalise(features, bank.stats)
-        dist, idx = nearest(features)
+        # faiss's rows come from the host (`faiss_search`); their distances are computed below.
+        dist, idx = nearest(features) if given is None else (jnp.full(given.shape, jnp.inf), given)
         # The float32 searches rank by ||q||^2 + ||b||^2 - 2 q.b, which loses about
         # 1e-7 ||q||^2 to cancellation (a few % of a small NN distance), and by how much
         # depends on how XLA blocks the matmul, i.e. on the rows per device. The winner's
@@ -260,7 +268,7 @@ def _score_images(
         )
         return score, dist
 
-    scores, patch_scores = jax.lax.map(one_image, (queries, mask))
+    scores, patch_scores = jax.lax.map(one_image, (queries, mask, neighbours))
     maps = anomaly_map(patch_scores.reshape(batch, grid, grid), out_size=out_size, sigma=sigma)
     return scores, maps
 
@@ -268,9 +276,7 @@ def _score_images(
 def _check_request(bank: MemoryBank, shape: tuple[int, ...], search: str, blur: str) -> None:
     """The scoring options and the (B, P, D) query shape, checked before any jitted call."""
     if search not in SEARCHES:
-        raise ValueError(
-            f"score_batch: search must be 'screened', 'exact' or 'approximate', got {search!r}"
-        )
+        raise ValueError(f"score_batch: search must be one of {SEARCHES}, got {search!r}")
     if blur not in BLURS:
         raise ValueError(f"score_batch: blur must be 'gaussian', 'pil' or 'none', got {blur!r}")
     if len(shape) != 3 or shape[-1] != bank.features.shape[-1]:
@@ -289,7 +295,7 @@ def score_batch(
     sigma: float = 4.0,
     patch_mask: jax.Array | None = None,
     bank_chunk: int = 4096,
-    search: str = "screened",
+    search: str = "auto",
     approximate_dim: int = 128,
 ) -> tuple[jax.Array, jax.Array]:
     """Scores a batch of images of one modality against its memory bank.
@@ -306,8 +312,10 @@ def score_batch(
         as in the reference).
       bank_chunk: bank rows per kNN scan step.
       search: "screened" (bfloat16 screen certified in float32, see `knn`; needs a bank whose
-        rows are a multiple of min(bank_chunk, M) and of 8, else the float32 search runs) or
-        "exact" (the float32 search). Both give the float32 nearest rows. "approximate"
+        rows are a multiple of min(bank_chunk, M) and of 8, else the float32 search runs),
+        "exact" (the float32 search), "faiss" (faiss-cpu's IndexFlatL2 on the host,
+        `faiss_search`) or "auto" (the fastest of them here, `search_choice`). All give the
+        float32 nearest rows (ties within float32 rounding aside). "approximate"
         (opt-in): screen on `approximate_dim` principal directions of the bank, re-rank in
         float32 (`knn.approximate_nearest_neighbour`); distances can only come out too large.
       approximate_dim: directions of the approximate search (its index is taken from
@@ -317,10 +325,16 @@ def score_batch(
       image_scores (B,) float32 and anomaly maps (B, out_size, out_size) float32.
     """
     _check_request(bank, queries.shape, search, blur)
+    search = resolve_search(search).search
+    neighbours = None
+    if search == "faiss":
+        index = faiss_search.faiss_index(bank.features, bank.valid)
+        neighbours = faiss_search.normalised_nearest_rows(index, np.asarray(queries), bank.stats)
     scores, maps = _score_images(
         bank,
         queries,
         patch_mask,
+        neighbours,
         out_size=out_size,
         reweight=reweight,
         sigma=float(sigma) if blur == "gaussian" else None,
@@ -372,6 +386,13 @@ def _score_images_split(bank: MemoryBank, queries: jax.Array, **static: Any) -> 
     return _score_images(bank, queries, None, **static)
 
 
+def _score_images_given(
+    bank: MemoryBank, queries: jax.Array, neighbours: jax.Array, **static: Any
+) -> tuple:
+    """`_score_images_split` with the nearest rows found on the host (search=faiss)."""
+    return _score_images(bank, queries, None, neighbours, **static)
+
+
 def score_features(
     bank: MemoryBank,
     features: np.ndarray,
@@ -385,32 +406,35 @@ def score_features(
     (default: every device) are split over them with the bank replicated (`lsfa_jax.mesh`);
     each device runs `score_batch`'s computation on its rows. Every call sees a full batch
     (`batching.map_in_batches`), so the jitted scorer compiles once. The bank's search index
-    for `settings.search` is computed here once if it lacks it.
+    for the search that runs (`search_choice.resolve_search(settings.search)`) is computed here
+    once if it lacks it; with faiss, every process searches the whole batch on the host first.
     """
     approximate_dim = min(settings.approximate_dim, bank.features.shape[1])
-    if settings.search != "exact":
-        bank = with_search_index(
-            bank, approximate_dim if settings.search == "approximate" else None
-        )
-    mesh = mesh or meshes.make_mesh()
     _check_request(bank, features.shape, settings.search, settings.blur)
+    search = resolve_search(settings.search).search
+    if search not in ("exact", "faiss"):
+        bank = with_search_index(bank, approximate_dim if search == "approximate" else None)
+    host_index = None if search != "faiss" else faiss_search.faiss_index(bank.features, bank.valid)
+    mesh = mesh or meshes.make_mesh()
     run = meshes.data_parallel(
-        _score_images_split,
+        _score_images_split if host_index is None else _score_images_given,
         mesh,
         1,
-        2,
+        2 if host_index is None else 3,
         out_size=settings.out_size,
         reweight=settings.reweight,
         sigma=float(settings.sigma) if settings.blur == "gaussian" else None,
         bank_chunk=4096,
-        search=settings.search,
+        search=search,
         approximate_dim=approximate_dim,
     )
     placed = meshes.replicate(mesh, bank)
 
     def score(batch: dict, _) -> dict[str, np.ndarray]:
-        queries = meshes.shard_rows(mesh, np.asarray(batch["features"], np.float32))
-        scores, maps = meshes.to_host(run(placed, queries))
+        args = [np.asarray(batch["features"], np.float32)]
+        if host_index is not None:
+            args.append(faiss_search.normalised_nearest_rows(host_index, args[0], bank.stats))
+        scores, maps = meshes.to_host(run(placed, *meshes.shard_rows(mesh, args)))
         if settings.blur == "pil":
             maps = pil_blur(maps, settings.sigma)
         return {"scores": scores, "maps": maps}

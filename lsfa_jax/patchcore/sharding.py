@@ -44,6 +44,7 @@ from lsfa_jax.patchcore.scorer import (
     pil_blur,
     reweighted_score,
 )
+from lsfa_jax.patchcore.search_choice import in_graph_search
 
 SHARDED_SEARCHES = ("screened", "exact")
 BANK_CHUNK = 4096  # bank rows per scan step, as the unsharded scorer
@@ -288,7 +289,9 @@ def score_features_sharded(
     instead of replicated: (N, P, C) features -> image scores (N,) and maps (N, S, S), equal to
     the unsharded scores. Batches of `settings.batch_size` rounded up to a multiple of the
     devices are split over them as there."""
-    _check_search(settings.search)
+    # auto takes its choice among the in-graph searches (faiss, on the host, cannot shard).
+    search = in_graph_search(settings.search).search
+    _check_search(search)
     if settings.blur not in BLURS:
         raise ValueError(f"score_features_sharded: blur must be one of {BLURS}: {settings.blur!r}")
     if features.ndim != 3 or features.shape[-1] != bank.features.shape[-1]:
@@ -297,7 +300,7 @@ def score_features_sharded(
             f"got {features.shape}"
         )
     mesh = mesh or meshes.make_mesh()
-    placed = shard_bank(bank, mesh, screened=settings.search == "screened")
+    placed = shard_bank(bank, mesh, screened=search == "screened")
     run = _sharded(
         _score_images,
         mesh,
@@ -307,7 +310,7 @@ def score_features_sharded(
         reweight=settings.reweight,
         sigma=float(settings.sigma) if settings.blur == "gaussian" else None,
         bank_chunk=BANK_CHUNK,
-        search=settings.search,
+        search=search,
     )
 
     def score(batch: dict, _) -> dict[str, np.ndarray]:
