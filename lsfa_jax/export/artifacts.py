@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -42,7 +41,8 @@ from lsfa_jax.patchcore.search_choice import in_graph_search
 
 ONNX_OPSET = 17
 ONNX_BATCH = 1  # the ONNX graph's fixed batch size (`load.OnnxProgram` runs larger batches)
-# max |exported - in-process| <= tolerance * max(1, max |in-process|), per output.
+# max |exported - in-process| <= tolerance * max(1, max |in-process|) for each modality's
+# outputs; the fused outputs get what that becomes through the stored fusion (`allowed_errors`).
 TOLERANCES = {"jax": 1e-6, "onnx": 1e-4}
 INPUT_DOCS = {
     "rgb": "uint8 RGB image at the model's image size, as prepared for training",
@@ -254,9 +254,14 @@ def signature(export: ClassExport, outputs: Mapping[str, np.ndarray]) -> dict[st
         "onnx_opset": ONNX_OPSET,
         "onnx_batch": ONNX_BATCH,
         "tolerances": {
-            k: f"max |out - expected| <= {v} * max(1, max |expected|)"
-            for k, v in TOLERANCES.items()
+            kind: allowed_errors(program, export.variables["fusion"], outputs, tolerance)
+            for kind, tolerance in TOLERANCES.items()
         },
+        "tolerance_rule": (
+            "per output: max |out - expected| / max(1, max |expected|) <= the value given; "
+            "each modality's outputs at the program's tolerance, the fused ones at it plus that "
+            "tolerance carried through the fusion's 1 / scale, the verdicts exactly"
+        ),
         "prepare": (
             "FPFH features: lsfa_jax.features.fpfh.fpfh_patch_features (open3d, host)"
             if program.method == "fpfh"
@@ -297,6 +302,55 @@ def write_class_export(target: Path, files: Mapping[str, bytes], overwrite: bool
         raise
 
 
+def _output_key(modality: str) -> str:
+    return inference.SETTING_KEYS[inference.SETTING_OF_MODALITY[modality]]
+
+
+def fusion_gains(program: inference.ClassProgram, fusion: Mapping[str, np.ndarray]):
+    """{level: {modality: |d fused / d modality value|}} of the stored fusion (level image for
+    scores, pixel for maps): 1 / (n scale) for zscore and minmax, the coefficient for ocsvm."""
+    if program.fusion is None:
+        return {}
+    gains = {}
+    for level in ("image", "pixel"):
+        if program.fusion == "ocsvm":
+            coef = np.abs(np.asarray(fusion[f"{level}_coef"], np.float64))
+            gains[level] = {"xyz": float(coef[0]), "rgb": float(coef[1])}
+        else:
+            n = len(program.modalities)
+            gains[level] = {
+                m: 1.0 / (n * abs(float(fusion[f"{level}_{m}"][1]))) for m in program.modalities
+            }
+    return gains
+
+
+def allowed_errors(
+    program: inference.ClassProgram,
+    fusion: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    tolerance: float,
+) -> dict[str, float]:
+    """Per output, the largest `max_relative_error` accepted: `tolerance` for each modality's
+    scores and maps, 0 for the verdicts, and for the fused outputs `tolerance` plus the
+    per-modality tolerance carried through the fusion. The fusion divides each modality's
+    value by its normaliser's scale, so one float32 rounding of a score (1e-7 of it) moves
+    the fused score by 1e-7 / scale: no float32 program can match the fused outputs closer."""
+    allowed = {}
+    for name, want in expected.items():
+        allowed[name] = 0.0 if want.dtype == bool else tolerance
+    gains = fusion_gains(program, fusion)
+    for kind, level in (("score", "image"), ("map", "pixel")):
+        fused = f"{kind}_{inference.SETTING_KEYS['RGB+3D']}"
+        if fused not in expected:
+            continue
+        carried = sum(
+            gain * tolerance * max(1.0, float(np.max(np.abs(expected[f"{kind}_{_output_key(m)}"]))))
+            for m, gain in gains[level].items()
+        )
+        allowed[fused] = tolerance + carried / max(1.0, float(np.max(np.abs(expected[fused]))))
+    return allowed
+
+
 def max_relative_error(outputs: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]):
     """{name: max |out - expected| / max(1, max |expected|)} (verdicts: mismatch count)."""
     errors = {}
@@ -322,6 +376,10 @@ def readme_text(sig: Mapping[str, Any], parity: Mapping[str, Mapping[str, float]
         for s in sig["outputs"]
     )
     names = ", ".join(f"{s['name']}=..." for s in sig["inputs"])
+    tolerances = "\n".join(
+        f"  {kind}: " + ", ".join(f"{k} {v:.2g}" for k, v in allowed.items())
+        for kind, allowed in sig["tolerances"].items()
+    )
     measured = "\n".join(
         f"  {kind}: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         for kind, errors in parity.items()
@@ -352,7 +410,8 @@ model.onnx       needs onnxruntime and numpy (opset {sig["onnx_opset"]}):
 
 example_inputs.npz / expected_outputs.npz: two generated samples and the outputs the
 in-process predict of lsfa-jax gives for them, keyed by the input and output names.
-Tolerances: {json.dumps(sig["tolerances"])}
+Tolerances ({sig["tolerance_rule"]}):
+{tolerances}
 Measured at export (max |out - expected| / max(1, max |expected|); anomalous: mismatches):
 {measured}
 """
