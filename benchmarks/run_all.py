@@ -155,6 +155,7 @@ _KNN_HEAD = re.compile(r"kNN: bank \((\d+), (\d+)\), queries \((\d+), \d+\)")
 _KNN_ROW = re.compile(r"^\s+(.+?)\s+([\d.]+) s/image\s+(\d+) queries/s", re.M)
 _KNN_FAILED = re.compile(r"queries whose certificate failed.*")
 _KNN_AUTO = re.compile(r"^\s+auto -> (\w+) \((\w+), [\d.]+ s\): (.*)$", re.M)
+_KNN_AUTO_ROW = re.compile(r"^\s+auto runs the row: (.+)$", re.M)
 _CORESET_ROW = re.compile(r"^\s+(jax fori_loop|numpy loop)\s+([\d.]+) s\s+([\d.]+) ms/iter", re.M)
 _CORESET_HEAD = re.compile(r"coreset: library \((\d+), (\d+)\) -> projected \(\d+, (\d+)\)")
 
@@ -186,7 +187,7 @@ def section_knn(run: dict, peak: dict[str, float]) -> list[str]:
     ]
     for name, seconds in rows.items():
         gflops = flops / seconds / 1e9
-        screened = name.startswith("jax screened") or name == "auto -> screened"
+        screened = name.startswith("jax screened")
         of = bf16 if screened and bf16 else best
         lines.append(
             f"| {name} | {seconds:.3f} | {gflops:.0f} | {100 * gflops / of:.0f} % | "
@@ -195,13 +196,14 @@ def section_knn(run: dict, peak: dict[str, float]) -> list[str]:
     if failed:
         lines += ["", f"Screened search: {failed.group(0).strip()}."]
     auto = _KNN_AUTO.search(run["output"])
-    if auto and f"auto -> {auto.group(1)}" in rows:
+    auto_row = _KNN_AUTO_ROW.search(run["output"])
+    if auto and auto_row and auto_row.group(1) in rows:
         chosen, source, reason = auto.groups()
         lines += [
             "",
-            f"**Default search (`patchcore.search=auto`, here {chosen}): "
-            f"{ratio(faiss_s, rows[f'auto -> {chosen}'])} faiss-cpu IndexFlatL2** in this run. "
-            f"Chosen ({source}): {reason}.",
+            f"**Default search (`patchcore.search=auto`, here {chosen}, the row "
+            f"\"{auto_row.group(1)}\"): {ratio(faiss_s, rows[auto_row.group(1)])} faiss-cpu "
+            f"IndexFlatL2** in this run. Chosen ({source}): {reason}.",
         ]
     return lines
 
