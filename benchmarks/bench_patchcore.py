@@ -7,10 +7,11 @@ bank, like faiss's index.add, and timed separately); "jax exact" is the plain fl
 the valid rows, the winner's distance recomputed in float32), "faiss IndexFlatL2" faiss alone;
 the scorer's default, `patchcore.search=auto`, runs the search it chose on this machine
 (`search_choice`: measured once per machine and cached), so it is not timed again: the "auto
-->" line says what it chose and why, and "auto runs the row" which row's function that is. Every method returns the float32 nearest row except "jax
-approximate" (opt-in: screen on the bank's top principal directions, float32 re-rank), whose
-"idx agree" column is its recall@1; on these random rows (a flat spectrum, the worst case) it
-is far lower than on real patch features.
+->" line says what it chose and why, and "auto runs the row" which row's function that is.
+Every method returns the float32 nearest row except "jax approximate" (opt-in: screen on the
+bank's top principal directions, float32 re-rank), whose "idx agree" column is its recall@1; on
+these random rows (a flat spectrum, the worst case) it is far lower than on real patch
+features.
 
     .venv/bin/python benchmarks/bench_patchcore.py            # bank 100k x 1152, 3136 queries
     .venv/bin/python benchmarks/bench_patchcore.py --small    # bank 10k rows, library 20k rows

@@ -202,7 +202,7 @@ def section_knn(run: dict, peak: dict[str, float]) -> list[str]:
         lines += [
             "",
             f"**Default search (`patchcore.search=auto`, here {chosen}, the row "
-            f"\"{auto_row.group(1)}\"): {ratio(faiss_s, rows[auto_row.group(1)])} faiss-cpu "
+            f'"{auto_row.group(1)}"): {ratio(faiss_s, rows[auto_row.group(1)])} faiss-cpu '
             f"IndexFlatL2** in this run. Chosen ({source}): {reason}.",
         ]
     return lines
