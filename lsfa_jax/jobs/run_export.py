@@ -9,8 +9,8 @@ and CUDA), model.onnx (onnxruntime), example_inputs.npz, expected_outputs.npz (i
 predict of the examples), signature.json, load.py and README.txt. Both programs are run on the
 examples before anything is written and must match the in-process outputs within
 `artifacts.allowed_errors` (`artifacts.TOLERANCES`, carried through the fusion). Plane removal
-(open3d) and, for method fpfh, the FPFH features stay in Python: the deployment calls `lsfa_jax.data.preprocess.prepare_sample` (and
-`features.fpfh.fpfh_patch_features`) first.
+(open3d) and, for method fpfh, the FPFH features stay in Python: the deployment calls
+`lsfa_jax.data.preprocess.prepare_sample` (and `features.fpfh.fpfh_patch_features`) first.
 """
 
 from __future__ import annotations
