@@ -129,17 +129,25 @@ def open_class(
     return ClassExport(program, variables, source, adaptors, banks, stored.fusion, knn_search)
 
 
-def example_inputs(export: ClassExport, run: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """Two generated samples (one good, one with a geometric and colour defect) at the model's
-    image size, as the program takes them."""
-    size = export.program.image_size
-    cfg = synthetic.SyntheticConfig(classes=("box",), image_size=size)
-    samples = [synthetic.render_sample(cfg, "box", "test", kind, 0) for kind in ("good", "both")]
-    rgb = np.stack([s["rgb"] for s in samples])
-    xyz = np.stack([s["xyz"] for s in samples]).astype(np.float32)
+def example_inputs(
+    export: ClassExport, prepared: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The examples, as the program takes them: the user's samples when given (`prepared`:
+    `jobs.inputs.prepared_inputs`, with "rgb_uint8", "xyz" and "file_id"), else two generated
+    samples (one good, one with a geometric and colour defect) at the model's image size."""
+    if prepared is None:
+        cfg = synthetic.SyntheticConfig(classes=("box",), image_size=export.program.image_size)
+        kinds = ("good", "both")
+        samples = [synthetic.render_sample(cfg, "box", "test", kind, 0) for kind in kinds]
+        prepared = {
+            "rgb_uint8": np.stack([s["rgb"] for s in samples]),
+            "xyz": np.stack([s["xyz"] for s in samples]),
+            "file_id": np.asarray(kinds),
+        }
+    xyz = np.asarray(prepared["xyz"], np.float32)
     if export.program.method != "fpfh":
-        return {"rgb": rgb, "xyz": xyz}
-    features = export.source.extract({"xyz": xyz, "file_id": np.asarray(["good", "both"])})
+        return {"rgb": np.asarray(prepared["rgb_uint8"], np.uint8), "xyz": xyz}
+    features = export.source.extract_in_batches({"xyz": xyz, "file_id": prepared["file_id"]})
     return {"xyz_features": np.asarray(features["xyz"], np.float32)}
 
 
@@ -232,11 +240,15 @@ def _spec_json(name: str, shape, dtype, doc: str = "") -> dict[str, Any]:
     }
 
 
-def signature(export: ClassExport, outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def signature(
+    export: ClassExport, outputs: Mapping[str, np.ndarray], examples: str
+) -> dict[str, Any]:
+    """signature.json; `examples` says what the example inputs are."""
     program = export.program
     return {
         "format": load.SIGNATURE_FORMAT,
         "class": program.class_name,
+        "examples": examples,
         "method": program.method,
         "settings": list(program.settings),
         "main_setting": program.main_setting,
@@ -408,7 +420,7 @@ model.onnx       needs onnxruntime and numpy (opset {sig["onnx_opset"]}):
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, example)))
   or load.load_onnx_program(folder), which checks the inputs first.
 
-example_inputs.npz / expected_outputs.npz: two generated samples and the outputs the
+example_inputs.npz / expected_outputs.npz: {sig["examples"]} and the outputs the
 in-process predict of lsfa-jax gives for them, keyed by the input and output names.
 Tolerances ({sig["tolerance_rule"]}):
 {tolerances}

@@ -2,15 +2,17 @@
 
   python main.py --config=configs/synthetic.py --config.mode=export \
       --config.checkpoint=<model folder> --workdir=W [--config.data.classes=box] \
-      [--config.overwrite=True]
+      [--config.input=<samples>] [--config.overwrite=True]
 
 writes W/export/<class>/ (see `lsfa_jax.export.artifacts`): model.jaxexport (jax + numpy, CPU
 and CUDA), model.onnx (onnxruntime), example_inputs.npz, expected_outputs.npz (in-process
-predict of the examples), signature.json, load.py and README.txt. Both programs are run on the
-examples before anything is written and must match the in-process outputs within
-`artifacts.allowed_errors` (`artifacts.TOLERANCES`, carried through the fusion). Plane removal
-(open3d) and, for method fpfh, the FPFH features stay in Python: the deployment calls
-`lsfa_jax.data.preprocess.prepare_sample` (and `features.fpfh.fpfh_patch_features`) first.
+predict of the examples), signature.json, load.py and README.txt. The examples are the samples
+`--config.input` names (as mode=predict reads them; `lsfa_jax.jobs.inputs`), or two generated
+ones without it. Both programs are run on the examples before anything is written and must
+match the in-process outputs within `artifacts.allowed_errors` (`artifacts.TOLERANCES`, carried
+through the fusion). Plane removal (open3d) and, for method fpfh, the FPFH features stay in
+Python: the deployment calls `lsfa_jax.data.preprocess.prepare_sample` (and
+`features.fpfh.fpfh_patch_features`) first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from absl import logging
 
 from lsfa_jax.export import artifacts, load
 from lsfa_jax.jobs.common import ConfigError, cache_dir, model_adaptors, open_model
+from lsfa_jax.jobs.inputs import find_samples, prepared_inputs
 
 
 def _classes(wanted: str, held: tuple[str, ...]) -> tuple[str, ...]:
@@ -66,16 +69,23 @@ def run_export(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Pa
     if existing and not config.overwrite:
         raise ConfigError(f"{existing}: export folder exists; pass --config.overwrite=True")
     adaptors = model_adaptors(model_dir, info)
+    # The user's own samples as the examples the programs are checked on (and shipped with),
+    # prepared as mode=predict prepares them; else generated ones.
+    prepared, examples = None, "two generated samples (good, defective)"
+    if config.input:
+        samples = find_samples(Path(config.input))
+        prepared = prepared_inputs(run, samples)
+        examples = f"the {len(samples)} samples of {config.input}"
     written = {}
     for class_name in classes:
         export = artifacts.open_class(
             model_dir, info, run, class_name, adaptors, cache_dir(run, workdir)
         )
-        inputs = artifacts.example_inputs(export, run)
+        inputs = artifacts.example_inputs(export, prepared)
         expected = artifacts.in_process_outputs(export, inputs, run.batch_size)
         jax_bytes = artifacts.export_jax(export)
         onnx_bytes = artifacts.export_onnx(export)
-        sig = artifacts.signature(export, expected)
+        sig = artifacts.signature(export, expected, examples)
         parity = {}
         with tempfile.TemporaryDirectory() as probe:
             probe_dir = Path(probe)
