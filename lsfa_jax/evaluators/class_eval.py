@@ -142,37 +142,10 @@ def setting_outputs(per_modality: Outputs, fused: fusion.Fusion | None) -> Outpu
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class ThresholdSettings:
-    """`config.fusion`'s threshold rules for images and pixels (fusion.THRESHOLD_RULES)."""
-
-    rule: str
-    quantile: float
-    target_fpr: float
-    value: float | None
-    pixel_rule: str
-    pixel_quantile: float
-    pixel_target_fpr: float
-    pixel_value: float | None
-
-    @classmethod
-    def from_config(cls, fusion_cfg: Mapping) -> ThresholdSettings:
-        return cls(
-            rule=fusion_cfg["threshold_rule"],
-            quantile=float(fusion_cfg["threshold_quantile"]),
-            target_fpr=float(fusion_cfg["threshold_target_fpr"]),
-            value=fusion_cfg["threshold_value"],
-            pixel_rule=fusion_cfg["pixel_threshold_rule"],
-            pixel_quantile=float(fusion_cfg["pixel_threshold_quantile"]),
-            pixel_target_fpr=float(fusion_cfg["pixel_threshold_target_fpr"]),
-            pixel_value=fusion_cfg["pixel_threshold_value"],
-        )
-
-
 def class_thresholds(
     scores: np.ndarray,
     maps: np.ndarray,
-    settings: ThresholdSettings,
+    settings: fusion.ThresholdSettings,
     *,
     labels: np.ndarray | None = None,
     masks: np.ndarray | None = None,
@@ -213,7 +186,7 @@ def calibrate_class(
     validation: Outputs,
     *,
     fusion_method: str,
-    thresholds: ThresholdSettings,
+    thresholds: fusion.ThresholdSettings,
     labels: np.ndarray | None = None,
     masks: np.ndarray | None = None,
 ) -> ClassModel:

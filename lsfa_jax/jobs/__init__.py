@@ -13,7 +13,6 @@ from lsfa_jax.jobs.common import prepare_workdir
 
 def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Runs `config.mode` for `config.method`, writing everything below `workdir`."""
-    console.import_tensorflow_quietly()  # validate imports the data builders, which load it
     from lsfa_jax.jobs.validate import validate
 
     validate(config)
@@ -28,6 +27,9 @@ def run_job(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> No
         "%s, %s, %s: output in %s (log: run.log)", config.mode, what, config.data.name, path
     )
     check_inputs(config, path)  # seconds, before any long work
+    # The data pipeline and builders load TensorFlow (seconds on its own): only now, and with
+    # its C++ start-up lines hidden.
+    console.import_tensorflow_quietly()
     if config.mode == "prepare":
         from lsfa_jax.jobs.run_prepare import run_prepare
 

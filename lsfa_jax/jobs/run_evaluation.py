@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from lsfa_jax import console
+from lsfa_jax import console, fusion
 from lsfa_jax.adaptation.checkpointing import load_adaptor_params
 from lsfa_jax.evaluators import banks as bank_eval
 from lsfa_jax.evaluators import class_eval, outputs
@@ -172,7 +172,7 @@ def evaluate_one_class(
     model = class_eval.calibrate_class(
         validation,
         fusion_method=config.fusion.method,
-        thresholds=class_eval.ThresholdSettings.from_config(config.fusion),
+        thresholds=fusion.ThresholdSettings.from_config(config.fusion),
         labels=np.asarray(splits["validation"].label),
     )
     save_class_model(out / "model" / class_name / "fusion.json", model)

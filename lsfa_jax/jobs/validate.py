@@ -15,8 +15,7 @@ import ml_collections
 from lsfa_jax.adaptation.kmeans import GLOBAL_METHODS
 from lsfa_jax.adaptation.losses import LossConfig
 from lsfa_jax.data.prepare import DATASETS
-from lsfa_jax.evaluators.class_eval import ThresholdSettings
-from lsfa_jax.fusion import FUSION_METHODS, THRESHOLD_RULES
+from lsfa_jax.fusion import FUSION_METHODS, THRESHOLD_RULES, ThresholdSettings
 from lsfa_jax.jobs.common import ConfigError
 from lsfa_jax.model_folder import BANK_DTYPES
 from lsfa_jax.models.adaptors import STRUCTURES, AdaptorSettings
