@@ -114,16 +114,18 @@ def adapt(
     return adapt_features(params, settings, features, batch_size=batch_size, mesh=mesh)
 
 
-def score(mesh: Mesh, adapted: dict[str, np.ndarray], batch_size: int = 3) -> dict[str, np.ndarray]:
+def score(
+    mesh: Mesh, features: dict[str, np.ndarray], batch_size: int = 3
+) -> dict[str, np.ndarray]:
     """Per modality: a bank of the first 6 samples' patches, the other 4 scored against it."""
     out = {}
     for modality in ("rgb", "xyz"):
-        library = adapted[modality][:BANK].reshape(-1, adapted[modality].shape[-1])
+        library = features[modality][:BANK].reshape(-1, features[modality].shape[-1])
         bank = build_memory_bank(library, ratio=0.25, key=jax.random.key(2), pad_multiple=128)
         settings = dataclasses.replace(
             ScoringSettings.from_config(get_base_config()), out_size=IMAGE, batch_size=batch_size
         )
-        scores, maps = score_features(bank, adapted[modality][BANK:], settings, mesh=mesh)
+        scores, maps = score_features(bank, features[modality][BANK:], settings, mesh=mesh)
         out[f"scores/{modality}"], out[f"maps/{modality}"] = scores, maps
     return out
 
@@ -139,7 +141,7 @@ def run_stages(workdir: Path, mesh: Mesh) -> tuple[dict[str, np.ndarray], TrainS
     # Scored: the backbone features, which no collective touches, so every run scores the same
     # numbers. The adapted ones carry the training's all-reduce rounding (which differs between
     # gloo and one process), and a nearest-row distance moves with it.
-    out |= score(mesh, {k: features[k] for k in ("rgb", "xyz")})
+    out |= score(mesh, features)
     leaves = jax.tree_util.tree_leaves_with_path((state.params, state.banks))
     out |= {f"train{jax.tree_util.keystr(p)}": np.asarray(v) for p, v in leaves}
     return out, state
